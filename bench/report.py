@@ -1,0 +1,48 @@
+"""Markdown tables from bench/results/<gpu>.json: one table per op, a row per shape and backend.
+
+    python -m bench.report bench/results/nvidia-h100-80gb-hbm3.json
+"""
+import json
+import sys
+from collections import defaultdict
+
+
+def fmt_shape(shape: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def ratio(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def tables(data: dict) -> str:
+    meta, ceil = data["meta"], data["ceilings"] or {}
+    lines = [f"{meta['gpu']} (driver {meta.get('driver', '?')}, torch {meta['torch']}, triton "
+             f"{meta['triton']}); ceilings measured in the same run: copy {ceil.get('copy_GBps', 0):.0f} GB/s, "
+             f"bf16 {ceil.get('bf16_TFLOPS', 0):.0f} TFLOPS, fp8 {ceil.get('fp8_TFLOPS', 0):.0f} TFLOPS", ""]
+    by_op = defaultdict(list)
+    for r in data["records"]:
+        by_op[r["op"]].append(r)
+    for op, recs in by_op.items():
+        peer = next((r["peer"] for r in recs if r.get("peer")), "-")
+        others = sorted({k for r in recs for k in r if k.startswith("speedup_vs_") and k != "speedup_vs_peer"})
+        anchor = any("deepgemm_tflops" in r for r in recs)
+        head = ["shape", "backend", "time (us)", "TFLOPS", "GB/s", "of ceiling", "vs peer"]
+        head += [f"vs {k[len('speedup_vs_'):]}" for k in others] + (["of DeepGEMM (other run)"] if anchor else [])
+        lines += [f"**{op}** (peer: {peer})", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for r in sorted(recs, key=lambda r: (fmt_shape(r["shape"]), r["backend"])):
+            row = [fmt_shape(r["shape"]), r["backend"], f"{r['time_us']:.1f}", f"{r['TFLOPS']:.1f}",
+                   f"{r['GBps']:.0f}", f"{100 * r['fraction_of_ceiling']:.0f}% {r['bound']}",
+                   ratio(r.get("speedup_vs_peer"))]
+            row += [ratio(r.get(k)) for k in others]
+            if anchor:
+                row.append(ratio(r["TFLOPS"] / r["deepgemm_tflops"] if "deepgemm_tflops" in r else None))
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        with open(path) as f:
+            print(tables(json.load(f)))

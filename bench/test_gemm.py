@@ -1,0 +1,65 @@
+"""Block-wise FP8 GEMM on DeepSeek-V3's shapes: TFLOPS and GB/s, the fraction of the measured fp8
+ceiling (M = 4096) or copy ceiling (M <= 128, bound by reading b), the speedup over cuBLAS
+block-wise (torch._scaled_mm) and bf16 cuBLAS (torch.matmul) measured in the same run, and
+DeepGEMM's figure from bench/anchors.json as a reference line."""
+import pytest
+import torch
+
+import dskernels
+from bench.harness import anchors
+from dskernels.reference import gemm as ref
+from dskernels.shapes import GEMM_M, GEMM_NK
+
+BACKENDS = ["cuda", "triton"]
+SHAPES = [(m, n, k) for m in GEMM_M for n, k in GEMM_NK]
+
+
+def operands(M, N, K):
+    x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+    w = torch.randn(N, K, dtype=torch.bfloat16, device="cuda")
+    a, sa = dskernels.per_token_group_quant(x, scale_layout="col")
+    b, sb = dskernels.per_block_quant(w)
+    return x, w, a, sa, b, sb
+
+
+def cublas_blockwise(a, sa, b, sb):
+    """torch._scaled_mm with 1x128 / 128x128 scales, or None with the reason. The scale layouts it
+    accepts have moved between torch versions: try each, keep the first whose result matches the
+    reference."""
+    want = ref.fp8_gemm(a, sa, b, sb, torch.float32)
+    errors = []
+    for sa_l, sb_l in [(sa, sb), (sa, sb.t().contiguous().t()), (sa.contiguous(), sb)]:
+        try:
+            fn = lambda: torch._scaled_mm(a, b.t(), sa_l, sb_l, out_dtype=torch.bfloat16)  # noqa: E731
+            got = fn().float()
+        except (RuntimeError, ValueError) as e:
+            errors.append(str(e).splitlines()[0])
+            continue
+        if ((got - want).norm() / want.norm()).item() < 1e-2:
+            return fn, None
+        errors.append("wrong result")
+    return None, "; ".join(errors)
+
+
+def anchor_line(M, N, K):
+    for row in anchors(torch.cuda.get_device_name()).get("fp8_gemm", []):
+        if (row["M"], row["N"], row["K"]) == (M, N, K):
+            return {"deepgemm_tflops": row["deepgemm_tflops"]}
+    return {}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fp8_gemm(report, shape, backend):
+    M, N, K = shape
+    x, w, a, sa, b, sb = operands(M, N, K)
+    peer_fn, why = cublas_blockwise(a, sa, b, sb)
+    extra = anchor_line(M, N, K)
+    if why:
+        extra["cublas_blockwise_unavailable"] = why
+    report(op="fp8_gemm", backend=backend, shape={"M": M, "N": N, "K": K},
+           fn=lambda: dskernels.fp8_gemm(a, sa, b, sb, backend=backend),
+           flops=2 * M * N * K, bytes_moved=M * K + N * K + 2 * M * N + 4 * (sa.numel() + sb.numel()),
+           bound="fp8_TFLOPS" if M > 128 else "copy_GBps",
+           peer="cuBLAS block-wise (torch._scaled_mm)" if peer_fn else None, peer_fn=peer_fn,
+           more_peers={"bf16_matmul": lambda: x @ w.T}, extra=extra)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything on a GPU machine in one call: build the extension in place, run the conformance suite on
+# the GPU, run the benchmarks, and write results and logs into RESULTS_DIR.
+#   ci/gpu.sh RESULTS_DIR [pytest -k expression for the benchmarks]
+set -uo pipefail
+out=${1:?usage: ci/gpu.sh RESULTS_DIR [bench -k filter]}
+filter=${2:-}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+status=0
+
+echo "== build"
+if ! python3 -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"; exit 1
+fi
+python3 -m dskernels info | tee "$out/info.txt"
+so=$(ls dskernels/_C*.so)
+echo "SASS: $(cuobjdump -sass "$so" | grep -c QGMMA) QGMMA, $(cuobjdump -sass "$so" | grep -c HGMMA) HGMMA instructions" | tee -a "$out/info.txt"
+
+echo "== conformance"
+python3 -m pytest conformance -q -p no:cacheprovider 2>&1 | tee "$out/conformance.log" | tail -25
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== benchmarks"
+DSKERNELS_BENCH_OUT="$out" python3 -m pytest bench -q -p no:cacheprovider ${filter:+-k "$filter"} \
+  --benchmark-json="$out/pytest-benchmark.json" >"$out/bench.log" 2>&1 || { tail -30 "$out/bench.log"; status=1; }
+python3 -m bench.report "$out"/nvidia-*.json | tee "$out/bench.md"
+exit $status

@@ -1,0 +1,278 @@
+"""FP8 quantization: every backend produces the reference's bytes and scales exactly."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dskernels
+from conformance.conftest import DEVICE, ON_GPU, backends_for, gpu_only, random_input
+from conformance.tolerances import (assert_same_float, assert_same_fp8, e4m3_roundtrip_bound)
+from dskernels.quant import MIN_CAPABILITY
+from dskernels.reference import quant as ref
+from dskernels.shapes import QUANT_ACTIVATIONS, QUANT_ODD, QUANT_WEIGHTS
+
+BACKENDS = backends_for(MIN_CAPABILITY)
+SHAPES = QUANT_ODD + (QUANT_ACTIVATIONS if ON_GPU else [])
+WEIGHT_SHAPES = QUANT_ODD + (QUANT_WEIGHTS if ON_GPU else [])
+DTYPES = [torch.bfloat16, torch.float32, torch.float16]
+
+
+def e4m3_grid() -> torch.Tensor:
+    """Every finite e4m3 value (both zeros included), as fp32."""
+    v = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    return v[~torch.isnan(v)]
+
+
+def limit_values() -> torch.Tensor:
+    """Inputs that land exactly on, between and just around e4m3 values once scaled by 1 (the tile
+    amax is 448): ties that must round to even, carries into the exponent, the subnormals, +-0,
+    and 448 itself."""
+    grid = e4m3_grid().unique()  # sorted, one zero
+    mids = (grid[1:] + grid[:-1]) / 2
+    eps = torch.tensor(1e-6)
+    vals = torch.cat([grid, -grid, mids, -mids, mids * (1 + eps), mids * (1 - eps),
+                      torch.tensor([-0.0, 448.0, -448.0, 447.9, 2.0**-10, 2.0**-11, 3 * 2.0**-11])])
+    return vals
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_token_group_matches_reference(backend, shape, dtype):
+    x = random_input(shape, dtype, seed=hash((shape, str(dtype))) % 2**31)
+    q, s = dskernels.per_token_group_quant(x, backend=backend)
+    q_ref, s_ref = ref.per_token_group_quant(x.cpu())
+    assert s.shape == (shape[0], ref.cdiv(shape[1], 128))
+    assert_same_fp8("q", q, q_ref)
+    assert_same_float("scale", s, s_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pow2_scale", [False, True], ids=["amax_scale", "pow2_scale"])
+@pytest.mark.parametrize("scale_layout", ["row", "col"])
+def test_per_token_group_options(backend, pow2_scale, scale_layout):
+    x = random_input((67, 300), torch.bfloat16, seed=7)
+    q, s = dskernels.per_token_group_quant(x, pow2_scale=pow2_scale, scale_layout=scale_layout,
+                                           backend=backend)
+    q_ref, s_ref = ref.per_token_group_quant(x.cpu(), pow2_scale)
+    assert_same_fp8("q", q, q_ref)
+    assert_same_float("scale", s, s_ref)
+    if scale_layout == "col":
+        assert s.stride() == (1, 68), "MN-major scales: M padded to a multiple of 4"
+    if pow2_scale:
+        mantissa, _ = torch.frexp(s.cpu())
+        assert (mantissa == 0.5).all(), "pow2 scales must be exact powers of two"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_transposed_matches_reference(backend, shape):
+    x = random_input(shape, torch.bfloat16, seed=11)
+    q_t, s = dskernels.per_token_group_quant_transposed(x, backend=backend)
+    q_ref, s_ref = ref.per_token_group_quant(x.cpu().t().contiguous())
+    assert q_t.shape == (shape[1], shape[0]) and q_t.is_contiguous()
+    assert_same_fp8("q_t", q_t, q_ref)
+    assert_same_float("scale", s, s_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale_layout", ["row", "col"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_transposed_options(backend, scale_layout, dtype):
+    x = random_input((300, 130), dtype, seed=3)
+    q_t, s = dskernels.per_token_group_quant_transposed(x, pow2_scale=True, scale_layout=scale_layout,
+                                                        backend=backend)
+    q_ref, s_ref = ref.per_token_group_quant(x.cpu().t().contiguous(), pow2_scale=True)
+    assert_same_fp8("q_t", q_t, q_ref)
+    assert_same_float("scale", s, s_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", WEIGHT_SHAPES, ids=str)
+@pytest.mark.parametrize("pow2_scale", [False, True], ids=["amax_scale", "pow2_scale"])
+def test_per_block_matches_reference(backend, shape, pow2_scale):
+    w = random_input(shape, torch.bfloat16, seed=5)
+    q, s = dskernels.per_block_quant(w, pow2_scale=pow2_scale, backend=backend)
+    q_ref, s_ref = ref.per_block_quant(w.cpu(), pow2_scale)
+    assert s.shape == (ref.cdiv(shape[0], 128), ref.cdiv(shape[1], 128))
+    assert_same_fp8("q", q, q_ref)
+    assert_same_float("scale", s, s_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("block_shape", [(1, 128), (128, 128)], ids=["groups", "blocks"])
+@pytest.mark.parametrize("shape", [(1, 7), (130, 1000), (257, 136)], ids=str)
+def test_dequant_matches_reference(backend, out_dtype, block_shape, shape):
+    x = random_input(shape, torch.float32, seed=9)
+    quant = ref.per_token_group_quant if block_shape == (1, 128) else ref.per_block_quant
+    q, s = quant(x.cpu())
+    y = dskernels.dequant(q.to(DEVICE), s.to(DEVICE), block_shape=block_shape, out_dtype=out_dtype,
+                          backend=backend)
+    assert_same_float("dequant", y.float(), ref.dequant(q, s, block_shape[0], out_dtype).float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dequant_reads_mn_major_scales(backend):
+    x = random_input((70, 260), torch.bfloat16, seed=2)
+    q, s = dskernels.per_token_group_quant(x, scale_layout="col", backend="reference")
+    y = dskernels.dequant(q, s, backend=backend)
+    assert_same_float("dequant", y.float(), ref.dequant(q.cpu(), s.cpu(), 1, torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_values_at_e4m3_limits_round_exactly(backend):
+    """One tile per row; each row's amax is 448, so the scale is 1 and every value is cast as is."""
+    vals = limit_values()
+    cols = 128
+    rows = ref.cdiv(vals.numel(), cols - 1)
+    x = torch.zeros(rows, cols)
+    x[:, 0] = 448.0
+    body = torch.cat([vals, torch.full((rows * (cols - 1) - vals.numel(),), 1.0)])
+    x[:, 1:] = body.view(rows, cols - 1)
+    q, s = dskernels.per_token_group_quant(x.to(DEVICE), backend=backend)
+    assert (s.cpu() == 1.0).all()
+    assert_same_fp8("q", q, x.to(torch.float8_e4m3fn))  # torch's own cast: RNE, saturating at 448
+    assert_same_fp8("q", q, ref.per_token_group_quant(x)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_of_zeros(backend):
+    x = random_input((5, 300), torch.bfloat16, seed=1)
+    x[1] = 0
+    x[3, 128:256] = 0
+    q, s = dskernels.per_token_group_quant(x, backend=backend)
+    q, s = q.cpu(), s.cpu()
+    assert (q[1].float() == 0).all() and (q[3, 128:256].float() == 0).all()
+    floor_scale = torch.tensor(ref.AMAX_FLOOR, dtype=torch.float32) / ref.FP8_MAX
+    assert (s[1] == floor_scale).all() and s[3, 1] == floor_scale
+    assert torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_roundtrip_error_within_e4m3_precision(backend):
+    x = random_input((96, 1000), torch.float32, seed=4)
+    q, s = dskernels.per_token_group_quant(x, backend=backend)
+    y = dskernels.dequant(q, s, out_dtype=torch.float32, backend=backend)
+    s_full = s.repeat_interleave(128, 1)[:, : x.shape[1]]
+    err = (y - x).abs()
+    bound = e4m3_roundtrip_bound(x, s_full)
+    assert (err <= bound).all(), f"max error / bound = {(err / bound).max().item():.3f}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_stays_in_its_element_and_inf_poisons_its_tile(backend):
+    x = random_input((4, 256), torch.float32, seed=6)
+    x[0, 5] = float("nan")
+    x[2, 130] = float("inf")
+    q, s = dskernels.per_token_group_quant(x, backend=backend)
+    q, s = q.cpu(), s.cpu()
+    clean = x.cpu().clone()
+    clean[0, 5] = 0.0
+    q_clean, s_clean = ref.per_token_group_quant(clean)
+    assert torch.isnan(q[0, 5].float())
+    q_f = q.float()
+    others = torch.ones_like(q_f, dtype=torch.bool)
+    others[0, 5] = False
+    others[2, 128:256] = False
+    assert (q_f[others] == q_clean.float()[others]).all(), "a NaN must not change its neighbours"
+    assert s[0, 0] == s_clean[0, 0]
+    assert s[2, 1] == float("inf")
+    y = dskernels.dequant(q.to(DEVICE), s.to(DEVICE), out_dtype=torch.float32, backend=backend).cpu()
+    assert torch.isnan(y[2, 128:256]).all() and torch.isfinite(y[2, :128]).all()
+
+
+# --- bad input: a clear exception before any launch -------------------------------------------
+
+@pytest.mark.parametrize("fn", [dskernels.per_token_group_quant, dskernels.per_token_group_quant_transposed,
+                                dskernels.per_block_quant], ids=lambda f: f.__name__)
+def test_bad_input_raises(fn):
+    name = "w" if fn is dskernels.per_block_quant else "x"
+    good = random_input((8, 256), torch.bfloat16)
+    with pytest.raises(TypeError, match=f"{name} must have dtype"):
+        fn(good.to(torch.int32))
+    with pytest.raises(TypeError, match=f"{name} must have dtype"):
+        fn(good.to(torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match=f"{name} must be 2-D"):
+        fn(good.view(8, 2, 128))
+    with pytest.raises(ValueError, match=f"{name} must be contiguous"):
+        fn(good.t())
+    with pytest.raises(ValueError, match=f"{name} must be contiguous"):
+        fn(good[:, ::2])
+    with pytest.raises(ValueError, match=f"{name} must not be empty"):
+        fn(good[:0])
+    with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor"):
+        fn([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="backend='cuda' cannot run here" if not ON_GPU else "unknown backend"):
+        fn(good, backend="cuda" if not ON_GPU else "cuBLAS")
+
+
+def test_bad_options_raise():
+    x = random_input((8, 256), torch.bfloat16)
+    with pytest.raises(ValueError, match="scale_layout must be one of"):
+        dskernels.per_token_group_quant(x, scale_layout="transposed")
+    q, s = ref.per_token_group_quant(x)
+    with pytest.raises(ValueError, match=r"scale must have shape \(8, 2\)"):
+        dskernels.dequant(q, s[:, :1])
+    with pytest.raises(ValueError, match=r"scale must have shape \(1, 2\)"):
+        dskernels.dequant(q, s, block_shape=(128, 128))
+    with pytest.raises(TypeError, match="scale must have dtype"):
+        dskernels.dequant(q, s.double())
+    with pytest.raises(TypeError, match="q must have dtype"):
+        dskernels.dequant(x, s)
+    with pytest.raises(ValueError, match="block_shape must be one of"):
+        dskernels.dequant(q, s, block_shape=(1, 64))
+    with pytest.raises(ValueError, match="out_dtype must be one of"):
+        dskernels.dequant(q, s, out_dtype=torch.float16)
+
+
+@gpu_only
+def test_mismatched_devices_raise():
+    q, s = ref.per_token_group_quant(random_input((8, 256), torch.bfloat16, device="cpu"))
+    with pytest.raises(ValueError, match="scale must be on cuda"):
+        dskernels.dequant(q.cuda(), s)
+
+
+# --- the op contract: torch.library registration, foreign arrays, the info command ------------
+
+# opcheck's schema test compares outputs with arithmetic torch lacks for float8 on the CPU; the
+# fake-tensor, autograd-registration and AOT-dispatch tests are the ones that matter for compile.
+OPCHECK_TESTS = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+
+
+def test_ops_pass_torch_library_opcheck():
+    x = random_input((3, 200), torch.bfloat16, device="cpu")
+    ops = torch.ops.dskernels
+    for op, args in [(ops.per_token_group_quant, (x, False, "col", "reference")),
+                     (ops.per_token_group_quant_transposed, (x, True, "row", "reference")),
+                     (ops.per_block_quant, (x, False, "reference")),
+                     (ops.dequant, (*ref.per_block_quant(x), 128, torch.float32, "reference"))]:
+        torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
+
+
+def test_compiles_with_torch_compile():
+    x = random_input((3, 200), torch.bfloat16, device="cpu")
+    fn = torch.compile(lambda t: dskernels.per_token_group_quant(t, backend="reference"), fullgraph=True,
+                       backend="eager")
+    q, s = fn(x)
+    assert_same_fp8("q", q, ref.per_token_group_quant(x)[0])
+
+
+@gpu_only
+def test_cupy_arrays_go_through_the_same_kernels():
+    cp = pytest.importorskip("cupy")
+    x = cp.random.standard_normal((100, 300), dtype=cp.float32)
+    q, s = dskernels.per_token_group_quant(x)
+    q_ref, s_ref = ref.per_token_group_quant(torch.from_dlpack(x).cpu())
+    assert_same_fp8("q", q, q_ref)
+    assert_same_float("scale", s, s_ref)
+    back = cp.from_dlpack(s)  # and back to CuPy without a copy
+    assert back.shape == (100, 3) and int(back.data.ptr) == s.data_ptr()
+
+
+def test_info_command_lists_backends():
+    out = subprocess.run([sys.executable, "-m", "dskernels", "info"], capture_output=True, text=True,
+                         check=True).stdout
+    for name in ("reference", "triton", "cuda", "auto"):
+        assert f"  {name}" in out, out

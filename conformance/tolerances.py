@@ -1,0 +1,111 @@
+"""Every tolerance of the conformance suite, each with where it comes from (DESIGN.md section 3).
+
+Tier 1 (kernel vs reference on identical quantized inputs): only summation order and the output
+rounding differ. Tier 2 (FP8 path vs BF16 path on unquantized inputs): bounded by E4M3's precision.
+NaN or Inf never passes a tolerance.
+"""
+import torch
+
+# Quantization is specified as single IEEE fp32 operations and one round-to-nearest-even cast, so
+# every backend must produce identical bytes and identical scales: no tolerance at all.
+QUANT_EXACT = 0
+
+# E4M3 keeps 3 mantissa bits: a normal value rounds with relative error at most 2**-4 (half an ulp).
+# Below 2**-6 (subnormals) the spacing is 2**-9, so the absolute error is at most 2**-10 in the
+# scaled domain; multiplied back by the tile's scale that is 2**-10 * amax / 448.
+E4M3_REL_ROUNDING = 2.0 ** -4
+E4M3_SUBNORMAL_ABS = 2.0 ** -10
+
+
+def e4m3_roundtrip_bound(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Largest |dequant(quant(x)) - x| allowed per element; scale broadcast to x's shape.
+    Includes one bf16 output rounding (relative 2**-9) when the dequantized value is bf16."""
+    return (x.abs() * E4M3_REL_ROUNDING + E4M3_SUBNORMAL_ABS * scale) * (1 + 2.0 ** -8)
+
+
+def diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """DeepGEMM's and FlashMLA's similarity metric: 1 - 2<x,y> / (|x|^2 + |y|^2), in float64.
+    0 for identical tensors; about the squared relative error for close ones."""
+    x, y = x.double(), y.double()
+    denom = (x * x + y * y).sum()
+    if denom == 0:
+        return 0.0
+    return float(1 - 2 * (x * y).sum() / denom)
+
+
+def max_rel_error(x: torch.Tensor, y: torch.Tensor) -> float:
+    """max |x - y| relative to max |y| (y is the reference)."""
+    scale = y.double().abs().max().item()
+    return float((x.double() - y.double()).abs().max().item() / (scale if scale > 0 else 1.0))
+
+
+def assert_finite(name: str, x: torch.Tensor):
+    bad = ~torch.isfinite(x.float())
+    assert not bad.any(), f"{name}: {int(bad.sum())} non-finite values (first at {bad.nonzero()[0].tolist()})"
+
+
+def assert_same_fp8(name: str, got: torch.Tensor, want: torch.Tensor):
+    """Identical e4m3 bytes, with NaN matched as NaN (its sign bit carries no meaning)."""
+    assert got.shape == want.shape and got.dtype == want.dtype, \
+        f"{name}: got {got.dtype}{tuple(got.shape)}, want {want.dtype}{tuple(want.shape)}"
+    g, w = got.view(torch.uint8).cpu(), want.view(torch.uint8).cpu()
+    g_nan, w_nan = (g & 0x7F) == 0x7F, (w & 0x7F) == 0x7F
+    bad = (g != w) & ~(g_nan & w_nan)
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        raise AssertionError(f"{name}: {int(bad.sum())} of {g.numel()} bytes differ; first at {idx}: "
+                             f"got 0x{int(g[tuple(idx)]):02x}, want 0x{int(w[tuple(idx)]):02x}")
+
+
+def assert_same_float(name: str, got: torch.Tensor, want: torch.Tensor):
+    """Bitwise-equal floats (NaN matches NaN), for scales and dequantized values."""
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    g, w = got.cpu(), want.cpu()
+    same = (g == w) | (torch.isnan(g) & torch.isnan(w))
+    if not same.all():
+        idx = (~same).nonzero()[0].tolist()
+        raise AssertionError(f"{name}: {int((~same).sum())} of {g.numel()} values differ; first at "
+                             f"{idx}: got {g[tuple(idx)].item()!r}, want {w[tuple(idx)].item()!r}")
+
+
+# --- FP8 GEMM -----------------------------------------------------------------------------------
+
+# Tier 1, kernel vs reference on the same e4m3 inputs and scales. Two sources of difference:
+# (1) fp32 summation order inside and across K blocks: each of the K/128 promotions and each of the
+#     128 products adds at most one fp32 rounding (2**-24) of the running magnitude, bounded by
+#     2**-24 * (K/128 + 128) * sum|products|; 2**-14 covers K up to 2**16 with margin;
+# (2) one output rounding, which may fall either side of a bf16 (2**-7 relative) or fp32 boundary.
+GEMM_SUM_ORDER = 2.0 ** -14
+GEMM_OUT_ULP = {"bfloat16": 2.0 ** -7, "float32": 2.0 ** -22}
+# The global similarity must sit near the output's rounding: bf16 rounding alone gives ~1e-6.
+GEMM_DIFF = 1e-5
+
+
+def gemm_tier1_bound(ref: torch.Tensor, magnitude: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Elementwise bound for |kernel - reference|; magnitude = the same GEMM on |a|, |b|."""
+    ulp = GEMM_OUT_ULP[str(out_dtype).replace("torch.", "")]
+    return ulp * ref.abs() + GEMM_SUM_ORDER * magnitude
+
+
+# Tier 2, FP8 GEMM of quantized inputs vs the exact GEMM of the originals. Quantizing a value with
+# tile scale s errs by at most 2**-4 |x| + 2**-10 s (E4M3_REL_ROUNDING, E4M3_SUBNORMAL_ABS), roughly
+# uniformly, so with standard deviation at most that over sqrt(3). A product a*b then errs by about
+# |a| e_b + |b| e_a, independently across k, and the output error has standard deviation
+# sigma = sqrt(sum_k (|a_k| sd_b + |b_k| sd_a)^2). The bound is 6 sigma plus half an ulp of the
+# output dtype (bf16: 2**-8 relative). Unlike a worst-case bound (13 % of sum|a b|), this one is
+# tight enough to catch a kernel that skips promotion: test_skipping_promotion_is_caught.
+GEMM_SIGMAS = 6.0
+
+
+def quantization_sd(x: torch.Tensor, scale_full: torch.Tensor) -> torch.Tensor:
+    return (E4M3_REL_ROUNDING * x.abs() + E4M3_SUBNORMAL_ABS * scale_full) / 3 ** 0.5
+
+
+def gemm_tier2_bound(a, a_scale_full, b, b_scale_full, ref, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """a [M, K], b [N, K] the unquantized inputs, *_scale_full their per-element scales, ref the
+    exact product."""
+    a, b = a.abs().double(), b.abs().double()
+    sd_a, sd_b = quantization_sd(a, a_scale_full.double()), quantization_sd(b, b_scale_full.double())
+    var = (a * a) @ (sd_b * sd_b).T + (sd_a * sd_a) @ (b * b).T + 2 * (a * sd_a) @ (b * sd_b).T
+    half_ulp = GEMM_OUT_ULP[str(out_dtype).replace("torch.", "")] / 2
+    return GEMM_SIGMAS * var.sqrt() + half_ulp * ref.abs()

@@ -1,0 +1,84 @@
+// The Python module dskernels._C. Tensors arrive as (pointer, sizes, strides) integers that the
+// Python layer read off torch, DLPack or __cuda_array_interface__ objects and checked; streams as
+// integers. No PyTorch headers: the module builds in seconds and works with any torch version.
+#include <pybind11/pybind11.h>
+#include "common.cuh"
+#include "gemm/fp8_gemm.h"
+#include "quant/quant.h"
+
+namespace py = pybind11;
+using namespace dskernels;
+
+namespace {
+
+template <typename T = void>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+cudaStream_t stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// The current device's properties, or a RuntimeError naming why there is no usable GPU.
+py::dict device_info() {
+  int count = 0, device = 0;
+  check_cuda(cudaGetDeviceCount(&count), "cudaGetDeviceCount");
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  cudaDeviceProp prop{};
+  check_cuda(cudaGetDeviceProperties(&prop, device), "cudaGetDeviceProperties");
+  py::dict d;
+  d["count"] = count;
+  d["device"] = device;
+  d["name"] = std::string(prop.name);
+  d["capability"] = py::make_tuple(prop.major, prop.minor);
+  d["sms"] = prop.multiProcessorCount;
+  d["smem_per_block_optin"] = prop.sharedMemPerBlockOptin;
+  d["l2_bytes"] = prop.l2CacheSize;
+  return d;
+}
+
+void fp8_gemm_binding(uintptr_t a, uintptr_t a_scale, int a_scale_ld, uintptr_t b, uintptr_t b_scale,
+                      int b_scale_ld, bool b_per_row, uintptr_t out, bool out_fp32, bool accumulate,
+                      int M, int N, int K, int num_sms, uintptr_t st) {
+  const auto gran = b_per_row ? ScaleGranularity::k1D1D : ScaleGranularity::k1D2D;
+  const cudaError_t err = fp8_gemm(ptr(a), ptr<const float>(a_scale), a_scale_ld, ptr(b),
+                                   ptr<const float>(b_scale), b_scale_ld, gran, ptr(out), out_fp32,
+                                   accumulate, M, N, K, num_sms, stream(st));
+  if (err == cudaErrorInvalidValue)  // the Python checks should have caught it: say so loudly
+    throw std::invalid_argument("fp8_gemm: an argument breaks a rule of csrc/gemm/fp8_gemm.h");
+  check_cuda(err, "fp8_gemm");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dskernels CUDA kernels (sm_90a); called through the dskernels Python API";
+  m.def("device_info", &device_info);
+  m.def("cuda_runtime_version", [] {
+    int v = 0;
+    cudaRuntimeGetVersion(&v);
+    return v;
+  });
+
+  m.def("fp8_gemm", &fp8_gemm_binding);
+  m.def("quant_groups", [](uintptr_t x, int dtype, int rows, int cols, int64_t ld_x, uintptr_t q,
+                           int64_t ld_q, uintptr_t s, int64_t s_r, int64_t s_g, bool pow2,
+                           uintptr_t st) {
+    quant_groups(ptr(x), DType(dtype), rows, cols, ld_x, ptr(q), ld_q, ptr<float>(s), s_r, s_g, pow2,
+                 stream(st));
+  });
+  m.def("quant_groups_transposed", [](uintptr_t x, int dtype, int M, int K, int64_t ld_x,
+                                      uintptr_t q_t, int64_t ld_q, uintptr_t s, int64_t s_r,
+                                      int64_t s_g, bool pow2, uintptr_t st) {
+    quant_groups_transposed(ptr(x), DType(dtype), M, K, ld_x, ptr(q_t), ld_q, ptr<float>(s), s_r,
+                            s_g, pow2, stream(st));
+  });
+  m.def("quant_blocks", [](uintptr_t w, int dtype, int N, int K, int64_t ld_w, uintptr_t q,
+                           int64_t ld_q, uintptr_t s, int64_t s_r, int64_t s_g, bool pow2,
+                           uintptr_t st) {
+    quant_blocks(ptr(w), DType(dtype), N, K, ld_w, ptr(q), ld_q, ptr<float>(s), s_r, s_g, pow2,
+                 stream(st));
+  });
+  m.def("dequant", [](uintptr_t q, int rows, int cols, int64_t ld_q, uintptr_t s, int64_t s_r,
+                      int64_t s_g, int block_rows, uintptr_t out, int out_dtype, int64_t ld_out,
+                      uintptr_t st) {
+    dequant(ptr(q), rows, cols, ld_q, ptr<const float>(s), s_r, s_g, block_rows, ptr(out),
+            DType(out_dtype), ld_out, stream(st));
+  });
+}

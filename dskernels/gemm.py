@@ -1,0 +1,134 @@
+"""Block-wise FP8 GEMM with FP32 promotion: the public API.
+
+    out = fp8_gemm(a, a_scale, b, b_scale)          out [M, N] bf16 = a [M, K] @ b [N, K].T
+    fp8_gemm(a, a_scale, b, b_scale, out=acc, accumulate=True)     acc [M, N] fp32 += a @ b.T
+
+a and b are float8_e4m3fn; a_scale [M, K/128] fp32 holds one scale per 1 x 128 tile (either
+layout per_token_group_quant produces; "col" is what the CUDA kernel reads directly). b_scale is
+[ceil(N/128), K/128] (one per 128 x 128 block: weights, "1D2D") or [N, K/128] (one per 1 x 128 tile:
+the weight gradient's second operand, "1D1D"). The numerics are specified in
+dskernels.reference.gemm. The three GEMMs of a Linear layer y = x W^T are in dskernels.linear.
+"""
+import torch
+
+from dskernels import backend as _backend
+from dskernels.checks import check_choice, check_shape, check_tensor
+from dskernels.reference import gemm as _ref
+from dskernels.reference.quant import cdiv
+
+FP8 = torch.float8_e4m3fn
+MIN_CAPABILITY = (9, 0)  # wgmma
+
+
+def _mn_major(scale: torch.Tensor) -> torch.Tensor:
+    """scale [R, Kb] with strides (1, ld), ld % 4 == 0: what a TMA load of one K block's scales
+    for a tile of rows needs. Copies only when the caller's layout differs."""
+    R, Kb = scale.shape
+    if scale.stride(0) == 1 and scale.stride(1) % 4 == 0 and scale.stride(1) >= R:
+        return scale
+    ld = cdiv(R, 4) * 4
+    out = torch.empty_strided((R, Kb), (1, ld), dtype=torch.float32, device=scale.device)
+    return out.copy_(scale)
+
+
+def _cuda(a, a_scale, b, b_scale, out, accumulate):
+    M, K = a.shape
+    N = b.shape[0]
+    per_row = b_scale.shape[0] == N and N > 1
+    a_scale = _mn_major(a_scale)
+    b_scale = _mn_major(b_scale) if per_row else b_scale.contiguous()
+    for name, t in (("a_scale", a_scale), ("b_scale", b_scale)):
+        if t.data_ptr() % 16:
+            raise ValueError(f"{name} must start at a 16-byte aligned address for the CUDA kernel's TMA loads")
+    sms = _backend.device_properties(a.device.index or 0)["sms"]
+    _backend._C.fp8_gemm(a.data_ptr(), a_scale.data_ptr(), a_scale.stride(1), b.data_ptr(),
+                         b_scale.data_ptr(), b_scale.stride(1) if per_row else 0, per_row,
+                         out.data_ptr(), out.dtype == torch.float32, accumulate, M, N, K, sms,
+                         _backend.stream(a))
+
+
+def _triton(a, a_scale, b, b_scale, out, accumulate):
+    from dskernels.triton import gemm as tg  # imported lazily: triton is optional
+    tg.fp8_gemm(a, a_scale, b, b_scale, out, accumulate)
+
+
+def _reference(a, a_scale, b, b_scale, out, accumulate):
+    result = _ref.fp8_gemm(a, a_scale, b, b_scale, torch.float32)
+    out.copy_(out + result if accumulate else result)
+
+
+_BACKENDS = {"reference": _reference, "triton": _triton, "cuda": _cuda}
+
+
+@torch.library.custom_op("dskernels::fp8_gemm", mutates_args=())
+def _fp8_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                 out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    out = _backend.empty((a.shape[0], b.shape[0]), out_dtype, a.device)
+    with _backend.on_device(a):
+        _BACKENDS[backend](a, a_scale, b, b_scale, out, False)
+    return out
+
+
+@_fp8_gemm_op.register_fake
+def _(a, a_scale, b, b_scale, out_dtype, backend):
+    return torch.empty((a.shape[0], b.shape[0]), dtype=out_dtype, device=a.device)
+
+
+@torch.library.custom_op("dskernels::fp8_gemm_out", mutates_args=("out",))
+def _fp8_gemm_out_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                     out: torch.Tensor, accumulate: bool, backend: str) -> None:
+    with _backend.on_device(a):
+        _BACKENDS[backend](a, a_scale, b, b_scale, out, accumulate)
+
+
+@_fp8_gemm_out_op.register_fake
+def _(a, a_scale, b, b_scale, out, accumulate, backend):
+    return None
+
+
+def fp8_gemm(a, a_scale, b, b_scale, *, out=None, out_dtype=torch.bfloat16, accumulate=False,
+             backend: str = "auto"):
+    """out [M, N] = a [M, K] @ b [N, K].T with block-wise scales and FP32 promotion every 128 K.
+
+    a: [M, K] float8_e4m3fn, contiguous, K % 128 == 0. a_scale: [M, K/128] float32, row-major or
+    MN-major (per_token_group_quant(..., scale_layout="col")). b: [N, K] float8_e4m3fn, contiguous.
+    b_scale: [ceil(N/128), K/128] (per 128 x 128 block) or [N, K/128] (per 1 x 128 tile) float32.
+    out: optional [M, N] output, contiguous; out_dtype bfloat16 or float32 when out is None.
+    accumulate: out += a @ b.T; needs a float32 out. Returns out.
+    """
+    a, a_scale = _backend.as_tensor("a", a), _backend.as_tensor("a_scale", a_scale)
+    b, b_scale = _backend.as_tensor("b", b), _backend.as_tensor("b_scale", b_scale)
+    check_tensor("a", a, dtypes=(FP8,), ndim=2)
+    check_tensor("b", b, dtypes=(FP8,), ndim=2, device=a.device)
+    M, K = a.shape
+    N = b.shape[0]
+    if b.shape[1] != K:
+        raise ValueError(f"b must have K = {K} columns like a (b is [N, K]: out = a @ b.T), got shape "
+                         f"{tuple(b.shape)}")
+    if K % 128:
+        raise ValueError(f"K must be a multiple of 128 (one scale block), got K = {K}")
+    check_tensor("a_scale", a_scale, dtypes=(torch.float32,), ndim=2, device=a.device, contiguous=False)
+    check_shape("a_scale", a_scale, (M, K // 128))
+    check_tensor("b_scale", b_scale, dtypes=(torch.float32,), ndim=2, device=a.device, contiguous=False)
+    if tuple(b_scale.shape) not in ((cdiv(N, 128), K // 128), (N, K // 128)):
+        raise ValueError(f"b_scale must have shape {(cdiv(N, 128), K // 128)} (per 128 x 128 block) or "
+                         f"{(N, K // 128)} (per 1 x 128 tile), got {tuple(b_scale.shape)}")
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs an out tensor to add into")
+        check_choice("out_dtype", out_dtype, (torch.bfloat16, torch.float32))
+    else:
+        out = _backend.as_tensor("out", out)
+        check_tensor("out", out, dtypes=(torch.float32,) if accumulate else (torch.bfloat16, torch.float32),
+                     ndim=2, device=a.device)
+        check_shape("out", out, (M, N))
+    name = _backend.resolve(backend, a.device, MIN_CAPABILITY)
+    if name == "cuda":
+        for arg, t in (("a", a), ("b", b)):
+            if t.data_ptr() % 16:
+                raise ValueError(f"{arg} must start at a 16-byte aligned address for the CUDA kernel's "
+                                 f"TMA loads (a slice that starts mid-row breaks this)")
+    if out is None:
+        return _fp8_gemm_op(a, a_scale, b, b_scale, out_dtype, name)
+    _fp8_gemm_out_op(a, a_scale, b, b_scale, out, accumulate, name)
+    return out

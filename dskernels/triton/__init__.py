@@ -1,0 +1,1 @@
+"""Triton kernels. Compiled on a GPU; under TRITON_INTERPRET=1 they run on the CPU (CI)."""
