@@ -87,14 +87,19 @@ def gpu_slug(name: str) -> str:
 def make_record(*, op, backend, shape, time_us, flops=0, bytes_moved=0, ceilings, bound,
                 peer=None, peer_us=None, extra=None) -> dict:
     """One result: time, TFLOPS and GB/s, the fraction of the ceiling that bounds this op
-    (bound: "copy_GBps", "bf16_TFLOPS" or "fp8_TFLOPS"), and the speedup over the peer measured
+    (bound: "copy_GBps", "bf16_TFLOPS", "fp8_TFLOPS", or "roofline": max(bytes / copy, FLOPs / bf16)
+    as a time), and the speedup over the peer measured
     in the same run (peer time / our time). extra: further fields (second peers, anchor lines)."""
     tflops = flops / time_us / 1e6
     gbps = bytes_moved / time_us / 1e3
-    achieved = gbps if bound == "copy_GBps" else tflops
+    if bound == "roofline":  # the slower of moving the bytes and doing the bf16 math
+        floor_us = max(bytes_moved / ceilings["copy_GBps"] / 1e3, flops / ceilings["bf16_TFLOPS"] / 1e6)
+        fraction = floor_us / time_us
+    else:
+        fraction = (gbps if bound == "copy_GBps" else tflops) / ceilings[bound]
     rec = {"op": op, "backend": backend, "shape": shape, "time_us": round(time_us, 3),
            "TFLOPS": round(tflops, 2), "GBps": round(gbps, 1), "bound": bound,
-           "fraction_of_ceiling": round(achieved / ceilings[bound], 4)}
+           "fraction_of_ceiling": round(fraction, 4)}
     if peer is not None:
         rec.update(peer=peer, peer_us=round(peer_us, 3), speedup_vs_peer=round(peer_us / time_us, 3))
     rec.update(extra or {})

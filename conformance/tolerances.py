@@ -26,7 +26,7 @@ def e4m3_roundtrip_bound(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def diff(x: torch.Tensor, y: torch.Tensor) -> float:
     """DeepGEMM's and FlashMLA's similarity metric: 1 - 2<x,y> / (|x|^2 + |y|^2), in float64.
     0 for identical tensors; about the squared relative error for close ones."""
-    x, y = x.double(), y.double()
+    x, y = x.detach().double(), y.detach().double()
     denom = (x * x + y * y).sum()
     if denom == 0:
         return 0.0
@@ -109,3 +109,29 @@ def gemm_tier2_bound(a, a_scale_full, b, b_scale_full, ref, out_dtype=torch.bflo
     var = (a * a) @ (sd_b * sd_b).T + (sd_a * sd_a) @ (b * b).T + 2 * (a * sd_a) @ (b * sd_b).T
     half_ulp = GEMM_OUT_ULP[str(out_dtype).replace("torch.", "")] / 2
     return GEMM_SIGMAS * var.sqrt() + half_ulp * ref.abs()
+
+
+# --- MLA decode ---------------------------------------------------------------------------------
+
+# Kernel vs the fp32 reference on the same bf16 q and cache. The kernels round P to bf16 for the
+# P @ V product (relative 2**-9 per weight, so at most 2**-9 * max|V| on an output) and round the
+# output to bf16 (half an ulp, 2**-9 relative; the reference rounds too, so up to one ulp, 2**-8,
+# apart); scores, softmax and accumulation are fp32 (summation order only).
+MLA_P_ROUNDING = 2.0 ** -9
+MLA_OUT_ULP = 2.0 ** -8
+MLA_DIFF = 1e-5
+# The log-sum-exp is fp32 throughout; exp2/log2 are the GPU's approximate ones (~2 ulp) and the
+# max-shift order differs: 2**-16 relative to (1 + |lse|) is far above those and far below any bug.
+MLA_LSE = 2.0 ** -16
+
+
+def mla_out_bound(ref: torch.Tensor, v_max: float) -> torch.Tensor:
+    return MLA_OUT_ULP * ref.float().abs() + 2 * MLA_P_ROUNDING * v_max
+
+
+# Absorbed vs un-absorbed (tier 2): the same math in another association order, except that the
+# absorbed query is rounded to bf16 before the kernel (relative 2**-9 per element, independent: the
+# scores move by ~2**-9 |q||k| / sqrt(576)) and the kernel's own bf16 roundings above. Measured
+# diff is ~1e-6; 1e-5 is bf16-level agreement with headroom, as the issue asks ("within bf16
+# rounding").
+MLA_ABSORBED_DIFF = 1e-5

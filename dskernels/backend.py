@@ -35,8 +35,10 @@ def device_properties(index: int):
         return _C.device_info()
 
 
-def why_unavailable(backend: str, device: torch.device, min_capability=(9, 0)):
+def why_unavailable(backend: str, device: torch.device, min_capability=(9, 0), implemented=BACKENDS):
     """None when `backend` can run an op on `device`, else the reason in a sentence."""
+    if backend in BACKENDS and backend not in implemented:
+        return f"this op has no {backend} implementation yet (it has {', '.join(implemented)})"
     if backend == "reference":
         return None
     if backend == "triton":
@@ -57,16 +59,16 @@ def why_unavailable(backend: str, device: torch.device, min_capability=(9, 0)):
     return f"unknown backend {backend!r}; choose from {BACKENDS + ('auto',)}"
 
 
-def resolve(backend: str, device: torch.device, min_capability=(9, 0)) -> str:
+def resolve(backend: str, device: torch.device, min_capability=(9, 0), implemented=BACKENDS) -> str:
     """The backend that will run: `backend` itself if it can, the best available for "auto"."""
     if backend == "auto":
         if device.type != "cuda":
             return "reference"
         for name in ("cuda", "triton"):
-            if why_unavailable(name, device, min_capability) is None:
+            if why_unavailable(name, device, min_capability, implemented) is None:
                 return name
         return "reference"
-    reason = why_unavailable(backend, device, min_capability)
+    reason = why_unavailable(backend, device, min_capability, implemented)
     if reason:
         raise ValueError(f"backend={backend!r} cannot run here: {reason}")
     return backend

@@ -1,5 +1,8 @@
 """Device helpers shared by the Triton kernels: FP8 scales and exact casts.
 
+Triton's CPU interpreter also multiplies bf16 tiles in tl.dot as raw 16-bit integers: dot_bf16
+upcasts them to fp32 first there (exact: the products of bf16 values fit fp32's mantissa).
+
 Triton's CPU interpreter casts fp32 -> e4m3 and fp32 -> bf16 wrongly (it drops the carry into the
 exponent, turns NaN into 384 and back into 480, truncates bf16), while compiled Triton on the GPU rounds exactly like
 torch. Under the interpreter (EMULATE=True) the e4m3 byte is built with integer bit operations and
@@ -73,3 +76,11 @@ def to_bf16(y, EMULATE: tl.constexpr):
     if EMULATE:
         y = round_to_bf16_grid(y)
     return y.to(tl.bfloat16)
+
+
+@triton.jit
+def dot_bf16(a, b, EMULATE: tl.constexpr):
+    """tl.dot of bf16 tiles with fp32 accumulation (wgmma on Hopper)."""
+    if EMULATE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)

@@ -1,0 +1,75 @@
+"""MLA absorbed decode: GB/s, TFLOPS and the fraction of the roofline time max(bytes / copy ceiling,
+FLOPs / bf16 ceiling), against a plain-PyTorch absorbed decode (gather + matmul) and, where it fits
+in memory, the un-absorbed path, both measured in the same run; FlashMLA's figures from
+bench/anchors.json as reference lines. Bytes: the cache pages read plus q and out; FLOPs:
+2 * B * s_q * H * L * (576 + 512). Uniform lengths, page 64, causal."""
+import pytest
+import torch
+
+import dskernels.mla as mla
+from bench.harness import anchors
+from dskernels.reference import mla as ref
+
+BACKENDS = ["triton"]
+SHAPES = [(64, 4096, 128, 1), (128, 8192, 128, 1), (128, 16384, 128, 1), (128, 8192, 16, 1),
+          (64, 8192, 128, 2), (128, 4096, 64, 1), (32, 16384, 128, 1), (64, 1024, 16, 1)]
+
+
+def setup(B, L, H, s_q):
+    pages = L // 64
+    cache = torch.randn(B * pages, 64, 1, 576, device="cuda").to(torch.bfloat16)
+    block_table = torch.randperm(B * pages, device="cuda", dtype=torch.int32).view(B, pages)
+    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    q = torch.randn(B, s_q, H, 576, device="cuda").to(torch.bfloat16)
+    return q, cache, block_table, lens
+
+
+def torch_absorbed(q, cache, block_table, lens, scale):
+    """The plain-PyTorch absorbed decode a user would write: gather the pages, two batched
+    matmuls, fp32 softmax (uniform lengths)."""
+    B, s_q, H, _ = q.shape
+    kv = cache[block_table.long()].view(B, -1, 576)                                  # [B, L, 576]
+    L = kv.shape[1]
+    scores = torch.bmm(q.view(B, s_q * H, 576), kv.transpose(1, 2)).float() * scale  # [B, s_q*H, L]
+    visible = ref.causal_visible(L, s_q, q.device).repeat_interleave(H, 0)           # [s_q*H, L]
+    p = scores.masked_fill(~visible, float("-inf")).softmax(-1).to(q.dtype)
+    return torch.bmm(p, kv[..., :512]).view(B, s_q, H, 512)
+
+
+def torch_unabsorbed(q_nope, q_pe, cache, block_table, wkv_b, scale):
+    """The textbook path: up-project the cache to per-head keys and values, then SDPA."""
+    B, s_q, H, _ = q_nope.shape
+    kv = cache[block_table.long()].view(B, -1, 576)
+    k_nope = torch.einsum("btc,hdc->bhtd", kv[..., :512], ref.w_uk(wkv_b, H))
+    k = torch.cat([k_nope, kv[:, None, :, 512:].expand(-1, H, -1, -1)], -1)          # [B, H, L, 192]
+    v = torch.einsum("btc,hdc->bhtd", kv[..., :512], ref.w_uv(wkv_b, H))             # [B, H, L, 128]
+    qf = torch.cat([q_nope, q_pe], -1).transpose(1, 2)                                # [B, H, s_q, 192]
+    # bottom-right causal alignment (SDPA's is_causal aligns top-left)
+    mask = ref.causal_visible(kv.shape[1], s_q, q_nope.device)
+    return torch.nn.functional.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
+
+
+def anchor_line(B, L, H, s_q):
+    for row in anchors(torch.cuda.get_device_name()).get("mla_decode_bf16_page64", []):
+        if (row["batch"], row["cache"], row["heads"], row["s_q"]) == (B, L, H, s_q):
+            return {"flashmla_us": row["flashmla_us"], "flashmla_roofline_fraction": row["flashmla_roofline_fraction"]}
+    return {}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-L{}-H{}-sq{}".format(*s))
+def test_mla_decode(report, shape, backend):
+    B, L, H, s_q = shape
+    q, cache, block_table, lens = setup(B, L, H, s_q)
+    scale = ref.softmax_scale()
+    more = {}
+    if B * L * H * (192 + 128) * 2 <= 4 * 2**30:  # the un-absorbed keys and values must fit
+        q_nope = torch.randn(B, s_q, H, 128, device="cuda", dtype=torch.bfloat16)
+        wkv_b = torch.randn(H * 256, 512, device="cuda", dtype=torch.bfloat16) / 512 ** 0.5
+        more["unabsorbed"] = lambda: torch_unabsorbed(q_nope, q[..., 512:], cache, block_table, wkv_b, scale)
+    report(op="mla_decode", backend=backend, shape={"B": B, "L": L, "H": H, "s_q": s_q},
+           fn=lambda: mla.mla_decode(q, cache, block_table, lens, scale, validate=False, backend=backend),
+           flops=2 * B * s_q * H * L * (576 + 512), bytes_moved=B * L * 576 * 2 + q.numel() * 2 + B * s_q * H * 512 * 2,
+           bound="roofline", peer="plain PyTorch absorbed (gather + bmm)",
+           peer_fn=lambda: torch_absorbed(q, cache, block_table, lens, scale), more_peers=more,
+           extra=anchor_line(B, L, H, s_q))

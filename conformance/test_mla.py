@@ -1,0 +1,195 @@
+"""MLA absorbed decode over a paged latent cache: kernels vs the fp32 reference (ragged lengths,
+shuffled pages, NaN garbage outside the sequences, s_q = 2 causal), absorbed vs un-absorbed attention,
+the cache-append op, the scheduler, and bad input."""
+import math
+
+import pytest
+import torch
+
+import dskernels.mla as mla
+from conformance.conftest import DEVICE, ON_GPU, backends_for
+from conformance.tolerances import (MLA_ABSORBED_DIFF, MLA_DIFF, MLA_LSE, assert_finite, diff,
+                                    mla_out_bound)
+from dskernels.reference import mla as ref
+
+BACKENDS = [p for p in backends_for(mla.MIN_CAPABILITY)]
+
+
+def paged_cache(seqlens, seed=0, extra_pages=3, device=DEVICE):
+    """A cache holding len(seqlens) sequences on shuffled pages; every slot outside a sequence
+    (the tail of its last page, unused pages) holds NaN, so reading one shows up."""
+    g = torch.Generator().manual_seed(seed)
+    pages_per_seq = [math.ceil(L / 64) for L in seqlens]
+    num_pages = sum(pages_per_seq) + extra_pages
+    max_pages = max(pages_per_seq) + 1
+    cache = torch.full((num_pages, 64, 1, 576), float("nan"), dtype=torch.bfloat16)
+    perm = torch.randperm(num_pages, generator=g)
+    block_table = torch.randint(0, num_pages, (len(seqlens), max_pages), generator=g, dtype=torch.int32)
+    used = 0
+    for b, (L, n) in enumerate(zip(seqlens, pages_per_seq)):
+        pages = perm[used:used + n]
+        used += n
+        block_table[b, :n] = pages.int()
+        tokens = torch.randn(L, 576, generator=g).to(torch.bfloat16)
+        flat = cache[pages].view(-1, 576)
+        flat[:L] = tokens
+        cache[pages] = flat.view(n, 64, 1, 576)
+    return cache.to(device), block_table.to(device), torch.tensor(seqlens, dtype=torch.int32, device=device)
+
+
+def query(B, s_q, H, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, s_q, H, 576, generator=g).to(torch.bfloat16).to(DEVICE)
+
+
+def check_against_reference(out, lse, q, cache, block_table, seqlens, scale, causal):
+    want, want_lse = ref.mla_decode(q.cpu(), cache.cpu(), block_table.cpu(), seqlens.cpu(), scale, causal)
+    assert out.shape == want.shape and out.dtype == torch.bfloat16
+    assert lse.shape == want_lse.shape
+    assert_finite("out", out)
+    assert_finite("lse", lse)
+    v_max = torch.nan_to_num(cache[..., :512].float(), nan=0.0).abs().max().item()
+    err = (out.cpu().float() - want.float()).abs()
+    worst = (err / mla_out_bound(want, v_max)).max().item()
+    assert worst <= 1, f"out: max error / bound = {worst:.3g}"
+    d = diff(out.cpu(), want)
+    assert d < MLA_DIFF, f"out: diff {d:.3g}"
+    lse_err = ((lse.cpu() - want_lse).abs() / (1 + want_lse.abs())).max().item()
+    assert lse_err <= MLA_LSE, f"lse: max relative error {lse_err:.3g}"
+
+
+CASES = [  # (seqlens, heads, s_q, causal)
+    ([1], 16, 1, True),
+    ([65, 130], 16, 2, True),
+    ([1, 700, 64, 129], 32, 1, True),
+    ([300, 5], 16, 2, False),
+    ([200], 20, 1, True),  # rows not a multiple of the head block
+]
+if ON_GPU:
+    CASES += [
+        ([4096] * 8, 128, 1, True),
+        ([1, 16384, 77, 4097, 1024, 63, 8191, 2], 64, 2, True),  # ragged from 1 to 16k, shuffled pages
+        ([3000, 12, 900], 128, 2, True),
+        ([2048] * 4, 16, 1, True),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{len(c[0])}x{max(c[0])}-H{c[1]}-sq{c[2]}-{'causal' if c[3] else 'full'}")
+def test_decode_matches_reference(backend, case):
+    seqlens, H, s_q, causal = case
+    cache, block_table, lens = paged_cache(seqlens, seed=len(seqlens) + H)
+    q = query(len(seqlens), s_q, H)
+    scale = ref.softmax_scale()
+    out, lse = mla.mla_decode(q, cache, block_table, lens, scale, causal, backend=backend)
+    check_against_reference(out, lse, q, cache, block_table, lens, scale, causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_absorbed_equals_unabsorbed(backend):
+    """Up-projecting the cache to full keys and values and running standard attention gives what
+    the absorbed path gives, within bf16 rounding."""
+    B, s_q, H = 2, 2, 16
+    cache, block_table, lens = paged_cache([150, 70], seed=5)
+    g = torch.Generator().manual_seed(6)
+    q_nope = torch.randn(B, s_q, H, 128, generator=g).to(torch.bfloat16).to(DEVICE)
+    q_pe = torch.randn(B, s_q, H, 64, generator=g).to(torch.bfloat16).to(DEVICE)
+    wkv_b = (torch.randn(H * 256, 512, generator=g) / 512 ** 0.5).to(torch.bfloat16).to(DEVICE)
+    scale = ref.softmax_scale(rope_factor=40.0)
+    q_latent = mla.absorb_query(q_nope.float(), wkv_b.float()).to(torch.bfloat16)
+    out, _ = mla.mla_decode(torch.cat([q_latent, q_pe], -1), cache, block_table, lens, scale, backend=backend)
+    absorbed = mla.absorb_output(out.float(), wkv_b.float())
+    textbook = ref.attention_unabsorbed(q_nope, q_pe, cache, block_table, lens, wkv_b, scale)
+    d = diff(absorbed, textbook)
+    assert d < MLA_ABSORBED_DIFF, f"absorbed vs un-absorbed: diff {d:.3g}"
+
+
+def test_softmax_scale_is_deepseek_v3s():
+    assert ref.softmax_scale() == pytest.approx(192 ** -0.5)
+    mscale = 0.1 * math.log(40) + 1
+    assert ref.softmax_scale(rope_factor=40.0) == pytest.approx(192 ** -0.5 * mscale**2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_append_prefill_then_decode(backend):
+    """Prefill 100 tokens into an empty paged cache, then decode 2 speculative tokens; the bytes
+    must equal the reference's and the decode must see them."""
+    B, num_pages = 2, 8
+    cache = torch.full((num_pages, 64, 1, 576), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    block_table = torch.tensor([[5, 2, 7], [0, 6, 1]], dtype=torch.int32, device=DEVICE)
+    lens = torch.zeros(B, dtype=torch.int32, device=DEVICE)
+    g = torch.Generator().manual_seed(2)
+    want_cache = cache.clone()
+    for s in (100, 2):
+        kv = torch.randn(B, s, 512, generator=g).to(torch.bfloat16).to(DEVICE)
+        pe = torch.randn(B, s, 64, generator=g).to(torch.bfloat16).to(DEVICE)
+        ref.append_to_cache(want_cache, block_table, lens, kv, pe)
+        lens = mla.append_to_cache(cache, block_table, lens, kv, pe, backend=backend)
+    assert lens.tolist() == [102, 102]
+    same = (cache == want_cache) | (torch.isnan(cache) & torch.isnan(want_cache))
+    assert same.all()
+    q = query(B, 2, 16)
+    out, lse = mla.mla_decode(q, cache, block_table, lens, ref.softmax_scale(), backend=backend)
+    check_against_reference(out, lse, q, cache, block_table, lens, ref.softmax_scale(), True)
+
+
+def test_schedule_covers_every_block_once_in_balanced_items():
+    lens = torch.tensor([1, 16384, 77, 4097, 1024, 63, 8191, 2], dtype=torch.int32)
+    block_table = torch.zeros(8, 256, dtype=torch.int32)
+    items, offsets, bad = mla.schedule(lens, block_table, num_pages=1, s_q=1, num_parts=16)
+    blocks = (lens + 63) // 64
+    quota = math.ceil(int(blocks.sum()) / 16)
+    assert items.shape == (16 + 8, 3) and not bad.any()
+    for b in range(8):
+        mine = items[offsets[b]:offsets[b + 1]]
+        assert (mine[:, 0] == b).all() and len(mine) >= 1
+        covered = torch.cat([torch.arange(s, e) for _, s, e in mine.tolist()])
+        assert covered.tolist() == list(range(int(blocks[b]))), f"batch {b}: blocks not covered once, in order"
+        assert ((mine[:, 2] - mine[:, 1]) <= quota).all()
+    assert (items[offsets[-1]:, 0] == -1).all()
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def test_bad_input_raises():
+    cache, block_table, lens = paged_cache([100, 30])
+    q = query(2, 1, 16)
+    scale = ref.softmax_scale()
+    dec = mla.mla_decode
+    with pytest.raises(ValueError, match="cache must be"):
+        dec(q, cache[:, :, :, :512].contiguous(), block_table, lens, scale)
+    with pytest.raises(TypeError, match="cache must have dtype"):
+        dec(q, cache.float(), block_table, lens, scale)
+    with pytest.raises(TypeError, match="q must have dtype"):
+        dec(q.float(), cache, block_table, lens, scale)
+    with pytest.raises(ValueError, match="q must be"):
+        dec(q[..., :512].contiguous(), cache, block_table, lens, scale)
+    with pytest.raises(TypeError, match="block_table must have dtype"):
+        dec(q, cache, block_table.long(), lens, scale)
+    with pytest.raises(ValueError, match="one row per sequence"):
+        dec(q, cache, block_table[:1], lens, scale)
+    bad_table = block_table.clone()
+    bad_table[1, 0] = cache.shape[0]
+    with pytest.raises(ValueError, match=r"block_table\[1, 0\] = .* points outside the cache"):
+        dec(q, cache, bad_table, lens, scale)
+    too_long = lens.clone()
+    too_long[0] = block_table.shape[1] * 64 + 1
+    with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = .* more than block_table covers"):
+        dec(q, cache, block_table, too_long, scale)
+    with pytest.raises(ValueError, match="less than s_q"):
+        dec(query(2, 2, 16), cache, block_table, torch.tensor([1, 30], dtype=torch.int32, device=DEVICE), scale)
+    with pytest.raises(ValueError, match="kv_latent must have shape"):
+        mla.append_to_cache(cache, block_table, lens, torch.zeros(2, 1, 576, dtype=torch.bfloat16, device=DEVICE),
+                            torch.zeros(2, 1, 64, dtype=torch.bfloat16, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "reference"])
+def test_without_host_validation_a_bad_batch_becomes_nan(backend):
+    """validate=False: no host sync; the device-side check poisons only the offending batch."""
+    cache, block_table, lens = paged_cache([100, 30])
+    bad_table = block_table.clone()
+    bad_table[1, 0] = 10_000
+    out, lse = mla.mla_decode(query(2, 1, 16), cache, bad_table, lens, ref.softmax_scale(), validate=False,
+                              backend=backend)
+    assert torch.isnan(out[1].float()).all() and torch.isnan(lse[1]).all()
+    assert torch.isfinite(out[0].float()).all() and torch.isfinite(lse[0]).all()
