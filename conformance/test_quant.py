@@ -4,6 +4,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dskernels
 from conformance.conftest import DEVICE, ON_GPU, backends_for, gpu_only, random_input
@@ -181,6 +183,27 @@ def test_nan_stays_in_its_element_and_inf_poisons_its_tile(backend):
     assert s[2, 1] == float("inf")
     y = dskernels.dequant(q.to(DEVICE), s.to(DEVICE), out_dtype=torch.float32, backend=backend).cpu()
     assert torch.isnan(y[2, 128:256]).all() and torch.isfinite(y[2, :128]).all()
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "reference"])
+@settings(max_examples=25, deadline=None)
+@given(M=st.integers(1, 300), K=st.integers(1, 600), dtype=st.sampled_from(DTYPES), pow2=st.booleans(),
+       log_magnitude=st.floats(-6, 4), seed=st.integers(0, 2**31 - 1))
+def test_fuzz_shapes_and_magnitudes(backend, M, K, dtype, pow2, log_magnitude, seed):
+    """Random shapes (any K, not only multiples of 8 or 128) and magnitudes from 1e-6 to 1e4, with
+    exact zeros mixed in: every layout still produces the reference's bytes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * 10.0 ** log_magnitude
+    x[torch.rand(M, K, generator=g) < 0.05] = 0.0
+    x = x.to(dtype).to(DEVICE)
+    for ours, theirs in [(dskernels.per_token_group_quant(x, pow2_scale=pow2, backend=backend),
+                          ref.per_token_group_quant(x.cpu(), pow2)),
+                         (dskernels.per_token_group_quant_transposed(x, pow2_scale=pow2, backend=backend),
+                          ref.per_token_group_quant(x.cpu().t().contiguous(), pow2)),
+                         (dskernels.per_block_quant(x, pow2_scale=pow2, backend=backend),
+                          ref.per_block_quant(x.cpu(), pow2))]:
+        assert_same_fp8("q", ours[0], theirs[0])
+        assert_same_float("scale", ours[1], theirs[1])
 
 
 # --- bad input: a clear exception before any launch -------------------------------------------
