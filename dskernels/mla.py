@@ -75,7 +75,7 @@ def _triton_decode(q, cache, block_table, cache_seqlens, scale, causal, out, lse
     from dskernels.triton import mla as tm  # imported lazily: triton is optional
     B, s_q, H, _ = q.shape
     rows = s_q * H
-    head_blocks = (rows + 31) // 32
+    head_blocks = -(-rows // tm.head_block(rows))
     items, offsets, bad = schedule(cache_seqlens, block_table, cache.shape[0], s_q,
                                    _num_parts(q.device, head_blocks))
     o_part = torch.empty(items.shape[0], rows, KV_LORA_RANK, dtype=torch.float32, device=q.device)

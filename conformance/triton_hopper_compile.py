@@ -1,0 +1,70 @@
+"""Compile every Triton kernel for sm_90a on this machine, without a GPU, and report what the PTX
+holds. Run by test_triton_compile.py in a subprocess without TRITON_INTERPRET (under the interpreter
+the kernels are not JIT functions), so CI catches what only the compiler rejects (the interpreter
+accepts more) and sees whether the GEMMs lower to wgmma.
+
+    python -m conformance.triton_hopper_compile       prints one JSON line per kernel
+"""
+import json
+import os
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dskernels.triton import gemm as tg
+from dskernels.triton import mla as tm
+from dskernels.triton import quant as tq
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def kernels():
+    """(name, jit function, signature, constexprs, options) for each kernel variant worth compiling."""
+    quant_sig = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "R": "i32", "C": "i32",
+                 "stride_xr": "i32", "stride_xc": "i32", "stride_qr": "i32", "stride_sr": "i32", "stride_sc": "i32"}
+    for whole, block_r, pow2 in [(False, 16, False), (False, 64, True), (True, 128, False)]:
+        yield (f"quant(whole_tile={whole}, pow2={pow2})", tq._quant_kernel, quant_sig,
+               {"POW2": pow2, "WHOLE_TILE": whole, "BLOCK_R": block_r, "EMULATE": False}, {"num_warps": 4})
+    deq_sig = {"q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "out_ptr": "*bf16", "R": "i32", "C": "i32", "stride_qr": "i32",
+               "stride_sr": "i32", "stride_sc": "i32", "stride_or": "i32"}
+    yield ("dequant", tq._dequant_kernel, deq_sig, {"SCALE_ROWS": 128, "BLOCK_R": 16, "EMULATE": False},
+           {"num_warps": 4})
+    gemm_sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
+                "M": "i32", "N": "i32", "K": "i32", "stride_sa_m": "i32", "stride_sa_k": "i32",
+                "stride_sb_n": "i32", "stride_sb_k": "i32"}
+    for cfg in tg._fp8_gemm_kernel.configs:
+        for per_row, acc, out in [(False, False, "*bf16"), (True, True, "*fp32")]:
+            yield (f"fp8_gemm({cfg}, b_per_row={per_row})", tg._fp8_gemm_kernel.fn, {**gemm_sig, "out_ptr": out},
+                   {"B_PER_ROW": per_row, "ACCUMULATE": acc, "EMULATE": False, **cfg.kwargs},
+                   {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    split_sig = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i32", "seqlens_ptr": "*i32", "items_ptr": "*i32",
+                 "o_ptr": "*fp32", "lse_ptr": "*fp32", "num_pages": "i32", "page_stride": "i32", "bt_stride": "i32",
+                 "rows": "i32", "H": "i32", "S_Q": "i32", "scale_log2": "fp32"}
+    for block_h in (16, 32, 64):
+        yield (f"mla_split(BLOCK_H={block_h})", tm._mla_split_kernel, split_sig,
+               {"CAUSAL": True, "BLOCK_H": block_h, "EMULATE": False}, {"num_warps": 8, "num_stages": 2})
+    comb_sig = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "offsets_ptr": "*i32", "bad_ptr": "*i32", "out_ptr": "*bf16",
+                "lse_out_ptr": "*fp32", "rows": "i32", "H": "i32", "S_Q": "i32"}
+    yield ("mla_combine", tm._mla_combine_kernel, comb_sig, {"BLOCK_R": 16, "EMULATE": False}, {"num_warps": 4})
+    app_sig = {"cache_ptr": "*bf16", "bt_ptr": "*i32", "seqlens_ptr": "*i32", "kv_ptr": "*bf16", "pe_ptr": "*bf16",
+               "page_stride": "i32", "bt_stride": "i32", "S": "i32"}
+    yield ("mla_append", tm._append_kernel, app_sig, {}, {"num_warps": 4})
+
+
+def compile_all():
+    assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
+    for name, fn, sig, constexprs, options in kernels():
+        sig = {**sig, **{k: "constexpr" for k in constexprs}}
+        try:
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET, options=options)
+            ptx = k.asm["ptx"]
+            row = {"kernel": name, "ok": True, "wgmma": ptx.count("wgmma.mma_async"),
+                   "spills": k.n_spills if hasattr(k, "n_spills") else None, "regs": getattr(k, "n_regs", None)}
+        except Exception as e:  # report every failure, not just the first
+            row = {"kernel": name, "ok": False, "error": f"{type(e).__name__}: {str(e)[:2000]}"}
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    compile_all()
