@@ -18,6 +18,19 @@ python3 -m dskernels info | tee "$out/info.txt"
 so=$(ls dskernels/_C*.so)
 echo "SASS: $(cuobjdump -sass "$so" | grep -c QGMMA) QGMMA, $(cuobjdump -sass "$so" | grep -c HGMMA) HGMMA instructions" | tee -a "$out/info.txt"
 
+echo "== CUDA self-tests (csrc/**/*_selftest.cu: each kernel against a naive kernel, many shapes)"
+for src in $(find csrc -name '*_selftest.cu' | sort); do
+  exe=/tmp/$(basename "$src" .cu)
+  kernel=${src%_selftest.cu}.cu
+  if nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc "$kernel" "$src" -o "$exe" >>"$out/selftest.log" 2>&1; then
+    timeout 300 "$exe" >>"$out/selftest.log" 2>&1; rc=$?
+  else
+    rc=1
+  fi
+  echo "$src: exit $rc" | tee -a "$out/selftest.log"
+  [ "$rc" -eq 0 ] || status=1
+done
+
 echo "== conformance"
 python3 -m pytest conformance -q -p no:cacheprovider 2>&1 | tee "$out/conformance.log" | tail -25
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
