@@ -10,9 +10,10 @@ import dskernels.mla as mla
 from bench.harness import anchors
 from dskernels.reference import mla as ref
 
-BACKENDS = ["triton"]
+BACKENDS = ["cuda", "triton"]
 SHAPES = [(64, 4096, 128, 1), (128, 8192, 128, 1), (128, 16384, 128, 1), (128, 8192, 16, 1),
           (64, 8192, 128, 2), (128, 4096, 64, 1), (32, 16384, 128, 1), (64, 1024, 16, 1)]
+FP8_SHAPES = [(128, 8192, 128, 1), (128, 8192, 16, 1)]
 
 
 def setup(B, L, H, s_q):
@@ -73,3 +74,19 @@ def test_mla_decode(report, shape, backend):
            bound="roofline", peer="plain PyTorch absorbed (gather + bmm)",
            peer_fn=lambda: torch_absorbed(q, cache, block_table, lens, scale), more_peers=more,
            extra=anchor_line(B, L, H, s_q))
+
+
+@pytest.mark.parametrize("shape", FP8_SHAPES, ids=lambda s: "B{}-L{}-H{}-sq{}".format(*s))
+def test_mla_decode_fp8_cache(report, shape):
+    """The FP8 cache: 656 bytes a token instead of 1152 (43 % fewer bytes to read)."""
+    B, L, H, s_q = shape
+    q, cache_bf16, block_table, lens = setup(B, L, H, s_q)
+    cache = ref.quantize_cache_rows(cache_bf16[..., :512], cache_bf16[..., 512:])
+    scale = ref.softmax_scale()
+    report(op="mla_decode_fp8_cache", backend="triton", shape={"B": B, "L": L, "H": H, "s_q": s_q},
+           fn=lambda: mla.mla_decode(q, cache, block_table, lens, scale, validate=False, backend="triton"),
+           flops=2 * B * s_q * H * L * (576 + 512),
+           bytes_moved=B * L * ref.FP8_CACHE_BYTES + q.numel() * 2 + B * s_q * H * 512 * 2,
+           bound="roofline", peer="Triton over the bf16 cache",
+           peer_fn=lambda: mla.mla_decode(q, cache_bf16, block_table, lens, scale, validate=False,
+                                          backend="triton"))

@@ -43,7 +43,10 @@ def kernels():
                  "rows": "i32", "H": "i32", "S_Q": "i32", "scale_log2": "fp32"}
     for block_h in (16, 32, 64):
         yield (f"mla_split(BLOCK_H={block_h})", tm._mla_split_kernel, split_sig,
-               {"CAUSAL": True, "BLOCK_H": block_h, "EMULATE": False}, {"num_warps": 8, "num_stages": 2})
+               {"CAUSAL": True, "FP8_CACHE": False, "BLOCK_H": block_h, "EMULATE": False},
+               {"num_warps": 8, "num_stages": 2})
+    yield ("mla_split(BLOCK_H=64, fp8 cache)", tm._mla_split_kernel, {**split_sig, "cache_ptr": "*u8"},
+           {"CAUSAL": True, "FP8_CACHE": True, "BLOCK_H": 64, "EMULATE": False}, {"num_warps": 8, "num_stages": 2})
     comb_sig = {"o_ptr": "*fp32", "lse_ptr": "*fp32", "offsets_ptr": "*i32", "bad_ptr": "*i32", "out_ptr": "*bf16",
                 "lse_out_ptr": "*fp32", "rows": "i32", "H": "i32", "S_Q": "i32"}
     yield ("mla_combine", tm._mla_combine_kernel, comb_sig, {"BLOCK_R": 16, "EMULATE": False}, {"num_warps": 4})

@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include "common.cuh"
 #include "gemm/fp8_gemm.h"
+#include "mla/mla_decode.h"
 #include "quant/quant.h"
 
 namespace py = pybind11;
@@ -33,6 +34,14 @@ py::dict device_info() {
   return d;
 }
 
+// cudaErrorInvalidValue means a rule of the kernel's header was broken that the Python checks
+// should have caught first: a bug on our side, raised as ValueError with the kernel's name.
+void check_kernel(cudaError_t err, const char* kernel) {
+  if (err == cudaErrorInvalidValue)
+    throw std::invalid_argument(std::string(kernel) + ": an argument breaks a rule of its header in csrc/");
+  check_cuda(err, kernel);
+}
+
 void fp8_gemm_binding(uintptr_t a, uintptr_t a_scale, int a_scale_ld, uintptr_t b, uintptr_t b_scale,
                       int b_scale_ld, bool b_per_row, uintptr_t out, bool out_fp32, bool accumulate,
                       int M, int N, int K, int num_sms, uintptr_t st) {
@@ -40,9 +49,7 @@ void fp8_gemm_binding(uintptr_t a, uintptr_t a_scale, int a_scale_ld, uintptr_t 
   const cudaError_t err = fp8_gemm(ptr(a), ptr<const float>(a_scale), a_scale_ld, ptr(b),
                                    ptr<const float>(b_scale), b_scale_ld, gran, ptr(out), out_fp32,
                                    accumulate, M, N, K, num_sms, stream(st));
-  if (err == cudaErrorInvalidValue)  // the Python checks should have caught it: say so loudly
-    throw std::invalid_argument("fp8_gemm: an argument breaks a rule of csrc/gemm/fp8_gemm.h");
-  check_cuda(err, "fp8_gemm");
+  check_kernel(err, "fp8_gemm");
 }
 
 }  // namespace
@@ -57,6 +64,22 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def("fp8_gemm", &fp8_gemm_binding);
+  m.def("mla_decode_split", [](uintptr_t q, uintptr_t cache, int num_pages, int64_t page_stride,
+                               uintptr_t block_table, int bt_stride, uintptr_t seqlens, uintptr_t items,
+                               int max_items, int B, int s_q, int H, float scale, bool causal,
+                               uintptr_t o_partial, uintptr_t lse_partial, uintptr_t st) {
+    check_kernel(mla_decode_split(ptr(q), ptr(cache), num_pages, page_stride, ptr<const int>(block_table),
+                                  bt_stride, ptr<const int>(seqlens), ptr<const int>(items), max_items, B,
+                                  s_q, H, scale, causal, ptr<float>(o_partial), ptr<float>(lse_partial),
+                                  stream(st)),
+                 "mla_decode_split");
+  });
+  m.def("mla_decode_combine", [](uintptr_t o_partial, uintptr_t lse_partial, uintptr_t offsets, int B,
+                                 int s_q, int H, uintptr_t out, uintptr_t lse, uintptr_t st) {
+    check_kernel(mla_decode_combine(ptr<const float>(o_partial), ptr<const float>(lse_partial),
+                                    ptr<const int>(offsets), B, s_q, H, ptr(out), ptr<float>(lse), stream(st)),
+                 "mla_decode_combine");
+  });
   m.def("quant_groups", [](uintptr_t x, int dtype, int rows, int cols, int64_t ld_x, uintptr_t q,
                            int64_t ld_q, uintptr_t s, int64_t s_r, int64_t s_g, bool pow2,
                            uintptr_t st) {

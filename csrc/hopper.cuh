@@ -1,6 +1,6 @@
 // Hopper (sm_90a) device helpers shared by dskernels' CUDA kernels: TMA bulk tensor copies, mbarriers,
-// wgmma (FP8 e4m3 with shared-memory descriptors), proxy fences, setmaxnreg, and host-side tensor-map
-// creation through the driver entry point (so extensions need no -lcuda).
+// wgmma (FP8 e4m3 and BF16 with shared-memory descriptors), named barriers, proxy fences, setmaxnreg,
+// and host-side tensor-map creation through the driver entry point (so extensions need no -lcuda).
 //
 // Everything that emits sm_90a-only PTX sits in inline functions that are instantiated only from
 // kernel bodies guarded by DSK_HOPPER_DEVICE, so a file including this header still compiles for a
@@ -102,6 +102,16 @@ __device__ __forceinline__ void tma_load_2d(void* smem_dst, const CUtensorMap* m
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];" ::"r"(
           smem_addr(smem_dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(inner), "r"(outer)
+      : "memory");
+}
+
+// 3-D tile copy global -> shared (coordinates innermost first); same completion rules as tma_load_2d.
+__device__ __forceinline__ void tma_load_3d(void* smem_dst, const CUtensorMap* map, uint64_t* bar, int32_t c0,
+                                            int32_t c1, int32_t c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];" ::"r"(
+          smem_addr(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
 }
 
@@ -295,6 +305,94 @@ __device__ __forceinline__ void wgmma_m64k32_e4m3<160>(float (&d)[80], uint64_t 
 }
 
 // ---------------------------------------------------------------------------------------------
+// wgmma, bf16 inputs (added for MLA decode)
+// ---------------------------------------------------------------------------------------------
+
+// General descriptor of a 128-byte-swizzled tile (TMA SWIZZLE_128B layout: 16-byte chunk c of the
+// 128-byte row r sits at chunk c ^ (r % 8); rows 128 bytes apart; 8-row atoms of 1024 bytes). The tile
+// must start 1024-byte aligned (base offset 0). Field meaning depends on the operand's major-ness:
+//   K-major  (reduction dim contiguous): LBO unused (0), SBO = bytes between 8-row groups along M/N.
+//   MN-major (M/N dim contiguous, 64 bf16 per 128-byte row, rows indexed by K): LBO = bytes between
+//            64-element blocks along M/N, SBO = bytes between 8-row groups along K.
+// Offsets are in 16-byte units in the descriptor; adding x >> 4 to the descriptor moves the start by x bytes.
+__device__ __forceinline__ uint64_t smem_desc_sw128(const void* tile, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  const uint64_t start = (smem_addr(tile) & 0x3FFFFu) >> 4;
+  const uint64_t lbo = (lbo_bytes >> 4) & 0x3FFFu;
+  const uint64_t sbo = (sbo_bytes >> 4) & 0x3FFFu;
+  const uint64_t swizzle_128b = 1;
+  return start | (lbo << 16) | (sbo << 32) | (swizzle_128b << 62);
+}
+
+// d[N/2] (+)= A(64x16 bf16, smem desc, K-major) * B(Nx16 bf16, smem desc, K-major)^T -> fp32;
+// scale_d = 0 overwrites d. Same fragment layout as the e4m3 wrappers above.
+template <int N>
+__device__ __forceinline__ void wgmma_m64k16_bf16_kk(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d);
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16_bf16_kk<32>(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// d[N/2] (+)= A(64x16 bf16, smem desc, K-major) * B(16xN bf16, smem desc, MN-major, i.e. "transposed
+// B": each 128-byte smem row holds 64 consecutive N elements of one K index) -> fp32.
+template <int N>
+__device__ __forceinline__ void wgmma_m64k16_bf16_kmn(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int scale_d);
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16_bf16_kmn<256>(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,\n"
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,\n"
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,\n"
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63,\n"
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79,\n"
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95,\n"
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111,\n"
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Misc (added for MLA decode)
+// ---------------------------------------------------------------------------------------------
+
+// Named barrier `id` (1..15; 0 is __syncthreads) over `threads` threads (a multiple of 32).
+__device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
+// 2^x with the MUFU approximation (ex2(-inf) = +0, flushes subnormal results to zero).
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Host: tensor maps
 // ---------------------------------------------------------------------------------------------
 
@@ -326,6 +424,24 @@ inline cudaError_t make_tensor_map_2d(CUtensorMap* map, CUtensorMapDataType dtyp
   const cuuint32_t box[2] = {box_inner, box_outer};
   const cuuint32_t element_strides[2] = {1, 1};
   const CUresult r = encode(map, dtype, 2, const_cast<void*>(base), dims, strides, box, element_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// 3-D tensor [dim2, dim1, dim0] (dims[0] innermost, contiguous) with byte strides strides[0] (between
+// dim-1 rows) and strides[1] (between dim-2 slices), both multiples of 16, read in boxes of box[0..2];
+// out-of-bounds elements read as zero.
+inline cudaError_t make_tensor_map_3d(CUtensorMap* map, CUtensorMapDataType dtype, const void* base,
+                                      const uint64_t (&dims)[3], const uint64_t (&strides_bytes)[2],
+                                      const uint32_t (&box)[3], CUtensorMapSwizzle swizzle) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t d[3] = {dims[0], dims[1], dims[2]};
+  const cuuint64_t s[2] = {strides_bytes[0], strides_bytes[1]};
+  const cuuint32_t b[3] = {box[0], box[1], box[2]};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  const CUresult r = encode(map, dtype, 3, const_cast<void*>(base), d, s, b, element_strides,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;

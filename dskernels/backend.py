@@ -59,12 +59,14 @@ def why_unavailable(backend: str, device: torch.device, min_capability=(9, 0), i
     return f"unknown backend {backend!r}; choose from {BACKENDS + ('auto',)}"
 
 
-def resolve(backend: str, device: torch.device, min_capability=(9, 0), implemented=BACKENDS) -> str:
-    """The backend that will run: `backend` itself if it can, the best available for "auto"."""
+def resolve(backend: str, device: torch.device, min_capability=(9, 0), implemented=BACKENDS,
+            auto_order=("cuda", "triton")) -> str:
+    """The backend that will run: `backend` itself if it can, else for "auto" the first of
+    auto_order that can, else the reference."""
     if backend == "auto":
         if device.type != "cuda":
             return "reference"
-        for name in ("cuda", "triton"):
+        for name in auto_order:
             if why_unavailable(name, device, min_capability, implemented) is None:
                 return name
         return "reference"

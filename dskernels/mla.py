@@ -24,11 +24,14 @@ import torch
 from dskernels import backend as _backend
 from dskernels.checks import check_shape, check_tensor
 from dskernels.reference import mla as _ref
-from dskernels.reference.mla import (CACHE_DIM, KV_LORA_RANK, PAGE_SIZE, ROPE_DIM, absorb_output,
-                                     absorb_query, softmax_scale)
+from dskernels.reference.mla import (CACHE_DIM, FP8_CACHE_BYTES, KV_LORA_RANK, PAGE_SIZE, ROPE_DIM,
+                                     absorb_output, absorb_query, softmax_scale)
 
 MIN_CAPABILITY = (8, 0)
-IMPLEMENTED = ("reference", "triton")
+IMPLEMENTED = ("reference", "triton", "cuda")
+# "auto" prefers Triton until the CUDA kernel (written, compiled, not yet run on a GPU) passes the
+# conformance suite on an H100 (issue 5). The CUDA kernel reads only the bf16 cache.
+AUTO_ORDER = ("triton", "cuda")
 
 __all__ = ["absorb_query", "absorb_output", "softmax_scale", "append_to_cache", "mla_decode", "schedule"]
 
@@ -73,15 +76,34 @@ def _num_parts(device: torch.device, head_blocks: int) -> int:
 
 def _triton_decode(q, cache, block_table, cache_seqlens, scale, causal, out, lse):
     from dskernels.triton import mla as tm  # imported lazily: triton is optional
+    work = _work(q, cache, block_table, cache_seqlens, tm.head_block(q.shape[1] * q.shape[2]))
+    tm.mla_decode(q, cache, block_table, cache_seqlens, scale, causal, work, out, lse)
+
+
+def _work(q, cache, block_table, cache_seqlens, head_rows):
+    """The scheduler's work list for this call and the partial-result buffers it needs."""
     B, s_q, H, _ = q.shape
     rows = s_q * H
-    head_blocks = -(-rows // tm.head_block(rows))
     items, offsets, bad = schedule(cache_seqlens, block_table, cache.shape[0], s_q,
-                                   _num_parts(q.device, head_blocks))
+                                   _num_parts(q.device, -(-rows // head_rows)))
     o_part = torch.empty(items.shape[0], rows, KV_LORA_RANK, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(items.shape[0], rows, dtype=torch.float32, device=q.device)
-    tm.mla_decode(q, cache, block_table, cache_seqlens, scale, causal,
-                  (items, offsets, bad, o_part, lse_part), out, lse)
+    return items, offsets, bad, o_part, lse_part
+
+
+def _cuda_decode(q, cache, block_table, cache_seqlens, scale, causal, out, lse):
+    B, s_q, H, _ = q.shape
+    items, offsets, bad, o_part, lse_part = _work(q, cache, block_table, cache_seqlens, 64)
+    C, st = _backend._C, _backend.stream(q)
+    C.mla_decode_split(q.data_ptr(), cache.data_ptr(), cache.shape[0], cache.stride(0), block_table.data_ptr(),
+                       block_table.stride(0), cache_seqlens.data_ptr(), items.data_ptr(), items.shape[0], B, s_q,
+                       H, scale, causal, o_part.data_ptr(), lse_part.data_ptr(), st)
+    C.mla_decode_combine(o_part.data_ptr(), lse_part.data_ptr(), offsets.data_ptr(), B, s_q, H, out.data_ptr(),
+                         lse.data_ptr(), st)
+    # the device-side check: a batch the scheduler flagged comes back NaN (no host sync)
+    flagged = bad.bool()
+    out.masked_fill_(flagged.view(B, 1, 1, 1), float("nan"))
+    lse.masked_fill_(flagged.view(B, 1, 1), float("nan"))
 
 
 def _reference_decode(q, cache, block_table, cache_seqlens, scale, causal, out, lse):
@@ -90,7 +112,7 @@ def _reference_decode(q, cache, block_table, cache_seqlens, scale, causal, out, 
     lse.copy_(l)
 
 
-_DECODE = {"reference": _reference_decode, "triton": _triton_decode}
+_DECODE = {"reference": _reference_decode, "triton": _triton_decode, "cuda": _cuda_decode}
 
 
 @torch.library.custom_op("dskernels::mla_decode", mutates_args=())
@@ -101,8 +123,8 @@ def _mla_decode_op(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tens
     out = _backend.empty((B, s_q, H, KV_LORA_RANK), q.dtype, q.device)
     lse = _backend.empty((B, H, s_q), torch.float32, q.device)
     with _backend.on_device(q):
-        _DECODE[backend](q, cache.view(cache.shape[0], PAGE_SIZE, CACHE_DIM), block_table, cache_seqlens,
-                         softmax_scale, causal, out, lse)
+        _DECODE[backend](q, cache.view(cache.shape[0], PAGE_SIZE, cache.shape[-1]), block_table,
+                         cache_seqlens, softmax_scale, causal, out, lse)
     return out, lse
 
 
@@ -113,10 +135,12 @@ def _(q, cache, block_table, cache_seqlens, softmax_scale, causal, backend):
 
 
 def _check_cache(cache, block_table, cache_seqlens, B):
-    check_tensor("cache", cache, dtypes=(torch.bfloat16,), ndim=4)
-    if tuple(cache.shape[1:]) != (PAGE_SIZE, 1, CACHE_DIM):
-        raise ValueError(f"cache must be [num_pages, {PAGE_SIZE}, 1, {CACHE_DIM}] (pages of {PAGE_SIZE} "
-                         f"tokens of {KV_LORA_RANK} latent + {ROPE_DIM} RoPE dims), got {tuple(cache.shape)}")
+    check_tensor("cache", cache, dtypes=(torch.bfloat16, torch.uint8), ndim=4)
+    width = CACHE_DIM if cache.dtype == torch.bfloat16 else FP8_CACHE_BYTES
+    if tuple(cache.shape[1:]) != (PAGE_SIZE, 1, width):
+        raise ValueError(f"cache must be [num_pages, {PAGE_SIZE}, 1, {CACHE_DIM}] bf16 (pages of {PAGE_SIZE} tokens "
+                         f"of {KV_LORA_RANK} latent + {ROPE_DIM} RoPE dims) or [num_pages, {PAGE_SIZE}, 1, "
+                         f"{FP8_CACHE_BYTES}] uint8 (the FP8 cache), got {tuple(cache.shape)} {cache.dtype}")
     check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, device=cache.device)
     check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1, device=cache.device)
     if block_table.shape[0] != B:
@@ -147,7 +171,8 @@ def _validate_values(cache, block_table, cache_seqlens, s_q):
 
 def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale: float, causal: bool = True, *,
                validate: bool = True, backend: str = "auto"):
-    """Absorbed MLA attention of q [B, s_q, H, 576] bf16 over the paged latent cache.
+    """Absorbed MLA attention of q [B, s_q, H, 576] bf16 over the paged latent cache (bf16, or the
+    FP8 cache that append_to_cache fills when cache is uint8 [num_pages, 64, 1, 656]).
 
     Returns out [B, s_q, H, 512] bf16 (softmax-weighted latents: apply absorb_output) and
     lse [B, H, s_q] fp32 (natural-log sum-exp of the scaled scores). causal masks later query tokens
@@ -164,7 +189,10 @@ def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale: float, causa
     _check_cache(cache, block_table, cache_seqlens, B)
     if cache.device != q.device:
         raise ValueError(f"cache must be on {q.device} (like q), got {cache.device}")
-    name = _backend.resolve(backend, q.device, MIN_CAPABILITY, IMPLEMENTED)
+    name = _backend.resolve(backend, q.device, MIN_CAPABILITY, IMPLEMENTED, AUTO_ORDER)
+    if name == "cuda" and cache.dtype == torch.uint8:
+        raise ValueError("backend='cuda' reads the bf16 cache only; the FP8 cache (uint8, 656 bytes per token) "
+                         "runs on backend='triton' or 'reference'")
     if validate or name == "reference":
         _validate_values(cache, block_table, cache_seqlens, s_q)
     return _mla_decode_op(q, cache, block_table, cache_seqlens, float(softmax_scale), causal, name)
@@ -172,9 +200,11 @@ def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale: float, causa
 
 def append_to_cache(cache, block_table, cache_seqlens, kv_latent, k_rope, *, validate: bool = True,
                     backend: str = "auto"):
-    """Write the new tokens' latents kv_latent [B, s, 512] and RoPE keys k_rope [B, s, 64] (bf16,
-    like the cache) at positions cache_seqlens[b] .. + s - 1, in place: prefill (s = prompt length)
-    and decode (s = 1 or the speculative tokens). Returns the new lengths cache_seqlens + s."""
+    """Write the new tokens' latents kv_latent [B, s, 512] and RoPE keys k_rope [B, s, 64] (bf16)
+    at positions cache_seqlens[b] .. + s - 1, in place: prefill (s = prompt length) and decode (s = 1
+    or the speculative tokens). A uint8 cache is the FP8 cache: each token's latent is quantized
+    per 128 dims (dskernels.reference.mla.quantize_cache_rows; torch ops on every backend).
+    Returns cache_seqlens + s."""
     kv_latent, k_rope = _backend.as_tensor("kv_latent", kv_latent), _backend.as_tensor("k_rope", k_rope)
     check_tensor("kv_latent", kv_latent, dtypes=(torch.bfloat16,), ndim=3)
     B, s, _ = kv_latent.shape
@@ -182,11 +212,11 @@ def append_to_cache(cache, block_table, cache_seqlens, kv_latent, k_rope, *, val
     check_tensor("k_rope", k_rope, dtypes=(torch.bfloat16,), ndim=3, device=kv_latent.device)
     check_shape("k_rope", k_rope, (B, s, ROPE_DIM))
     _check_cache(cache, block_table, cache_seqlens, B)
-    name = _backend.resolve(backend, cache.device, MIN_CAPABILITY, IMPLEMENTED)
+    name = _backend.resolve(backend, cache.device, MIN_CAPABILITY, ("reference", "triton"))
     if validate or name == "reference":
         _validate_values(cache, block_table, cache_seqlens + s, s)
     with _backend.on_device(cache):
-        if name == "triton":
+        if name == "triton" and cache.dtype == torch.bfloat16:
             from dskernels.triton import mla as tm
             tm.append_to_cache(cache, block_table, cache_seqlens, kv_latent, k_rope)
             return cache_seqlens + s

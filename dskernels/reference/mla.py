@@ -10,13 +10,17 @@ Head h's key is [W_UK[h] c, k_pe] and its value W_UV[h] c, with wkv_b = [W_UK; W
 so attention runs on the latent cache itself: every head reads the same 576-wide cache rows, which
 are never up-projected.
 
-Layouts (FlashMLA's): q [B, s_q, H, 576]; cache [num_pages, 64, 1, 576] bf16, pages of 64 tokens;
+Layouts (FlashMLA's): q [B, s_q, H, 576]; cache [num_pages, 64, 1, 576] bf16, pages of 64 tokens
+(or the FP8 cache, [num_pages, 64, 1, 656] uint8: per token 512 e4m3 latents, their 4 fp32 scales,
+one per 128, and the 64 RoPE dims in bf16; 656 bytes instead of 1152);
 block_table [B, max_pages] int32 (page of each 64-token block); cache_seqlens [B] int32, the tokens in
 the cache including the s_q query tokens. Causal: query token i sees positions t < L - s_q + i + 1.
 """
 import math
 
 import torch
+
+from dskernels.reference.quant import dequant, per_token_group_quant
 
 PAGE_SIZE = 64
 KV_LORA_RANK = 512     # latent dims (also the value dims of absorbed attention)
@@ -25,6 +29,7 @@ QK_NOPE_DIM = 128
 V_HEAD_DIM = 128
 QK_HEAD_DIM = QK_NOPE_DIM + ROPE_DIM  # 192
 CACHE_DIM = KV_LORA_RANK + ROPE_DIM   # 576
+FP8_CACHE_BYTES = KV_LORA_RANK + 4 * 4 + ROPE_DIM * 2  # 656: e4m3 latents, 4 fp32 scales, bf16 RoPE
 
 
 def softmax_scale(qk_head_dim: int = QK_HEAD_DIM, rope_factor: float = 1.0, mscale: float = 1.0) -> float:
@@ -55,10 +60,29 @@ def absorb_output(o_latent: torch.Tensor, wkv_b: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bshc,hdc->bshd", o_latent, w_uv(wkv_b, o_latent.shape[2]))
 
 
+def quantize_cache_rows(kv_latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+    """[..., 512] latents and [..., 64] RoPE keys (bf16) -> FP8 cache rows [..., 656] uint8."""
+    lead = kv_latent.shape[:-1]
+    q, scale = per_token_group_quant(kv_latent.reshape(-1, KV_LORA_RANK))             # [T, 512], [T, 4]
+    rows = torch.cat([q.view(torch.uint8), scale.view(torch.uint8),
+                      k_rope.reshape(-1, ROPE_DIM).to(torch.bfloat16).view(torch.uint8)], dim=-1)
+    return rows.view(*lead, FP8_CACHE_BYTES)
+
+
+def dequantize_cache_rows(rows: torch.Tensor) -> torch.Tensor:
+    """FP8 cache rows [..., 656] uint8 -> [..., 576] bf16 (latent = e4m3 * its group's scale)."""
+    flat = rows.reshape(-1, FP8_CACHE_BYTES)
+    q = flat[:, :KV_LORA_RANK].contiguous().view(torch.float8_e4m3fn)                  # [T, 512]
+    scale = flat[:, KV_LORA_RANK:KV_LORA_RANK + 16].contiguous().view(torch.float32)   # [T, 4]
+    pe = flat[:, KV_LORA_RANK + 16:].contiguous().view(torch.bfloat16)                  # [T, 64]
+    return torch.cat([dequant(q, scale, 1, torch.bfloat16), pe], dim=-1).view(*rows.shape[:-1], CACHE_DIM)
+
+
 def gather_cache(cache, block_table, b: int, length: int) -> torch.Tensor:
     """The first `length` tokens of sequence b, [length, 576]."""
     pages = block_table[b, : (length + PAGE_SIZE - 1) // PAGE_SIZE].long()
-    return cache[pages].reshape(-1, CACHE_DIM)[:length]
+    rows = cache[pages].reshape(-1, cache.shape[-1])[:length]
+    return dequantize_cache_rows(rows) if cache.dtype == torch.uint8 else rows
 
 
 def append_to_cache(cache, block_table, cache_seqlens, kv_latent, k_rope):
@@ -67,8 +91,11 @@ def append_to_cache(cache, block_table, cache_seqlens, kv_latent, k_rope):
     B, s, _ = kv_latent.shape
     pos = cache_seqlens.long()[:, None] + torch.arange(s, device=cache.device)          # [B, s]
     pages = torch.gather(block_table.long(), 1, pos // PAGE_SIZE)                       # [B, s]
-    tokens = torch.cat([kv_latent, k_rope], dim=-1).to(cache.dtype)                     # [B, s, 576]
-    cache[pages.reshape(-1), (pos % PAGE_SIZE).reshape(-1), 0] = tokens.reshape(-1, CACHE_DIM)
+    if cache.dtype == torch.uint8:
+        tokens = quantize_cache_rows(kv_latent, k_rope)                                 # [B, s, 656]
+    else:
+        tokens = torch.cat([kv_latent, k_rope], dim=-1).to(cache.dtype)                 # [B, s, 576]
+    cache[pages.reshape(-1), (pos % PAGE_SIZE).reshape(-1), 0] = tokens.reshape(-1, cache.shape[-1])
     return cache_seqlens + s
 
 

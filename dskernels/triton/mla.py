@@ -3,10 +3,12 @@
 A program takes one work item of the scheduler (a batch and a range of 64-token cache blocks, see
 dskernels.mla.schedule) and BLOCK_H query rows (row = i * H + h for query token i, head h). Each
 cache block is loaded once as [64, 576] and used twice: all 576 dims for the scores and the first
-512 as the values, so the latent cache is read once per head block and never up-projected. Online
+512 as the values, so the latent cache is read once per head block and never up-projected (the FP8
+cache is dequantized to bf16 in registers, exactly as the reference does it). Online
 softmax in fp32 (exp2, log2(e) folded into the scale), P in bf16 for the P @ V product. A second
 kernel merges the items of each batch by their log-sum-exps.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -18,7 +20,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _mla_split_kernel(q_ptr, cache_ptr, bt_ptr, seqlens_ptr, items_ptr, o_ptr, lse_ptr, num_pages,
                       page_stride, bt_stride, rows, H, S_Q, scale_log2, CAUSAL: tl.constexpr,
-                      BLOCK_H: tl.constexpr, EMULATE: tl.constexpr):
+                      FP8_CACHE: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE: tl.constexpr):
     item, hb = tl.program_id(0), tl.program_id(1)
     b = tl.load(items_ptr + item * 3)
     used = b >= 0  # unused slots of the fixed-size work list have b = -1 and no blocks
@@ -34,6 +36,7 @@ def _mla_split_kernel(q_ptr, cache_ptr, bt_ptr, seqlens_ptr, items_ptr, o_ptr, l
         limit = tl.zeros([BLOCK_H], dtype=tl.int32) + L
     c = tl.arange(0, 512)
     d = tl.arange(0, 64)
+    g = tl.arange(0, 4)
     q_row = q_ptr + (b * rows + r).to(tl.int64) * 576
     q_lat = tl.load(q_row[:, None] + c[None, :], mask=r_ok[:, None], other=0.0)        # [BH, 512]
     q_pe = tl.load(q_row[:, None] + 512 + d[None, :], mask=r_ok[:, None], other=0.0)  # [BH, 64]
@@ -49,9 +52,19 @@ def _mla_split_kernel(q_ptr, cache_ptr, bt_ptr, seqlens_ptr, items_ptr, o_ptr, l
         page = tl.where((page >= 0) & (page < num_pages), page, 0)
         t = blk * 64 + t_off
         t_ok = t < L
-        tok = cache_ptr + page.to(tl.int64) * page_stride + t_off[:, None] * 576
-        k_lat = tl.load(tok + c[None, :], mask=t_ok[:, None], other=0.0)               # [64, 512]
-        k_pe = tl.load(tok + 512 + d[None, :], mask=t_ok[:, None], other=0.0)          # [64, 64]
+        if FP8_CACHE:  # 656 bytes a token: 512 e4m3, 4 fp32 scales (one per 128), 64 bf16 RoPE dims
+            tok = cache_ptr + page.to(tl.int64) * page_stride + t_off[:, None] * 656
+            raw = tl.load(tok + c[None, :], mask=t_ok[:, None], other=0)
+            scale = tl.load((tok + 512).to(tl.pointer_type(tl.float32)) + g[None, :], mask=t_ok[:, None],
+                            other=0.0)                                                  # [64, 4]
+            k = tl.reshape(raw.to(tl.float8e4nv, bitcast=True).to(tl.float32), (64, 4, 128))
+            k_lat = to_bf16(tl.reshape(k * scale[:, :, None], (64, 512)), EMULATE)      # [64, 512]
+            k_pe = tl.load((tok + 528).to(tl.pointer_type(tl.bfloat16)) + d[None, :], mask=t_ok[:, None],
+                           other=0.0)                                                  # [64, 64]
+        else:
+            tok = cache_ptr + page.to(tl.int64) * page_stride + t_off[:, None] * 576
+            k_lat = tl.load(tok + c[None, :], mask=t_ok[:, None], other=0.0)           # [64, 512]
+            k_pe = tl.load(tok + 512 + d[None, :], mask=t_ok[:, None], other=0.0)      # [64, 64]
         s = dot_bf16(q_lat, tl.trans(k_lat), EMULATE) + dot_bf16(q_pe, tl.trans(k_pe), EMULATE)  # [BH, 64]
         s = tl.where(t[None, :] < limit[:, None], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -138,7 +151,8 @@ def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale, causal, work
     block_h = head_block(rows)
     _mla_split_kernel[(items.shape[0], triton.cdiv(rows, block_h))](
         q, cache, block_table, cache_seqlens, items, o_part, lse_part, cache.shape[0], cache.stride(0),
-        block_table.stride(0), rows, H, s_q, softmax_scale * LOG2E, CAUSAL=causal, BLOCK_H=block_h,
+        block_table.stride(0), rows, H, s_q, softmax_scale * LOG2E, CAUSAL=causal,
+        FP8_CACHE=cache.dtype == torch.uint8, BLOCK_H=block_h,
         EMULATE=EMULATE_CASTS, num_warps=8, num_stages=2)
     block_r = 16
     _mla_combine_kernel[(B, triton.cdiv(rows, block_r))](

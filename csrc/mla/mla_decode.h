@@ -1,0 +1,72 @@
+// MLA absorbed decode for Hopper (sm_90a), FlashMLA-compatible layouts, bf16 paged cache.
+//
+// For batch b, query token i (0 .. s_q-1) and head h, with row = i * H + h ("rows" = s_q * H per batch):
+//   score(t)   = softmax_scale * dot(q[b, i, h, 0:576], cache[token t of b, 0:576])      (fp32)
+//   out[b,i,h] = sum_t softmax(score)(t) * cache[token t of b, 0:512]                    (V = first 512 dims)
+//   lse[b,h,i] = ln sum_t exp(score(t))
+// over the visible tokens t: t < cache_seqlens[b] - s_q + i + 1 when causal, else t < cache_seqlens[b].
+//
+// Two passes. The split pass runs one CTA per (work item, 64 query rows); a work item is a range of
+// 64-token cache blocks of one batch, made by the Python scheduler (shared with the Triton backend).
+// It writes per-item partial results; the combine pass merges the items of each batch.
+//
+// Plain C++ host API: no PyTorch, no pybind11. The caller (Python) checks every rule below and raises
+// before calling; these functions re-check the cheap ones and return cudaErrorInvalidValue instead of
+// launching. Neither function synchronizes or allocates.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace dskernels {
+
+constexpr int kMlaDimQK = 576;      // 512 absorbed-latent dims + 64 RoPE dims
+constexpr int kMlaDimV = 512;       // V = the first 512 dims of each cache token
+constexpr int kMlaPageSize = 64;    // tokens per cache page (= the kernel's KV block)
+constexpr int kMlaRowsPerCta = 64;  // query rows (i, h) per CTA: the wgmma M dimension
+
+// Split pass. Returns cudaSuccess, a launch/attribute error, cudaErrorInvalidValue when an argument
+// breaks a rule below, or cudaErrorNotSupported when the current device is not compute capability 9.x
+// (or the driver lacks cuTensorMapEncodeTiled). All pointers are device pointers on the current device.
+//
+//   q             bf16 [B, s_q, H, 576], contiguous. 16-byte aligned.
+//   cache         bf16 pages [num_pages, 64, 576]: token j of page p starts at element
+//                 p * page_stride + j * 576. 16-byte aligned.
+//   num_pages     pages in `cache` (>= 1). Block-table entries outside [0, num_pages) read zeros.
+//   page_stride   elements between pages: >= 64 * 576 and a multiple of 8 (16-byte aligned pages).
+//   block_table   int32 [B, >= blocks of the longest sequence], row stride bt_stride (>= 1):
+//                 page of cache block k (tokens 64k .. 64k+63) of batch b = block_table[b * bt_stride + k].
+//   cache_seqlens int32 [B], >= 1: tokens in the cache of batch b, including the s_q new query tokens.
+//   items         int32 [max_items, 3] = (b, first block, end block (exclusive)); b = -1 marks an unused
+//                 slot (its CTAs exit, its outputs are left untouched). Blocks at or past
+//                 ceil(cache_seqlens[b] / 64) are ignored; an item with no block left yields lse = -inf, o = 0.
+//   max_items     rows of `items`, >= 1.
+//   B, s_q, H     >= 1 each; s_q * H any value (the last CTA of a batch masks its padded rows).
+//   softmax_scale finite and > 0 (scores are scaled by softmax_scale * log2(e) and use exp2).
+//   causal        see the visibility rule at the top.
+//   o_partial     fp32 [max_items, s_q * H, 512]: per item and row, the softmax-normalized (within the
+//                 item's token range) weighted sum of V; 0 where the row sees no token in the range.
+//                 16-byte aligned.
+//   lse_partial   fp32 [max_items, s_q * H]: natural-log sum-exp of the scaled scores over the item's
+//                 range; -inf where the row sees no token in the range. 4-byte aligned.
+// Tokens of the last page past cache_seqlens[b] may hold anything (NaN included): they are zeroed in
+// shared memory before use.
+cudaError_t mla_decode_split(const void* q, const void* cache, int num_pages, int64_t page_stride,
+                             const int* block_table, int bt_stride, const int* cache_seqlens, const int* items,
+                             int max_items, int B, int s_q, int H, float softmax_scale, bool causal,
+                             float* o_partial, float* lse_partial, cudaStream_t stream);
+
+// Combine pass: merges items item_offsets[b] .. item_offsets[b+1]-1 (contiguous, at least one each) of
+// batch b: m = max lse_i, w_i = exp(lse_i - m), out = sum w_i o_i / sum w_i, lse = m + ln(sum w_i).
+// Runs on any CUDA device (no Hopper-only code).
+//   o_partial, lse_partial   as written by mla_decode_split (o_partial 16-byte aligned).
+//   item_offsets             int32 [B + 1], non-decreasing.
+//   out                      bf16 [B, s_q, H, 512], contiguous, 8-byte aligned.
+//   lse                      fp32 [B, H, s_q], contiguous.
+// A row that sees no token at all (possible only when cache_seqlens[b] < s_q under causal) gets out = 0
+// and lse = -inf.
+cudaError_t mla_decode_combine(const float* o_partial, const float* lse_partial, const int* item_offsets, int B,
+                               int s_q, int H, void* out, float* lse, cudaStream_t stream);
+
+}  // namespace dskernels

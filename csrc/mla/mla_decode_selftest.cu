@@ -1,0 +1,339 @@
+// Standalone check of mla_decode_split + mla_decode_combine against a naive reference kernel (one CTA
+// per (batch, query row), FP32 scores and softmax, FP32 P V; no bf16 rounding of P).
+//
+// Build and run on an H100 (no PyTorch needed):
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
+//        csrc/mla/mla_decode.cu csrc/mla/mla_decode_selftest.cu -o mla_decode_selftest
+//   ./mla_decode_selftest          # correctness: one line per case, exit 1 on any mismatch
+//   ./mla_decode_selftest bench    # DeepSeek-V3 decode shapes: time, GB/s, TFLOPS, fraction of roofline
+//
+// A case fails when max|out - ref| / max|ref| > 1.5e-2, when |lse - ref_lse| > 2e-3 * max(1, |ref_lse|)
+// (or -inf does not match), or when any output is NaN. The cache is filled with NaN everywhere except
+// the valid tokens (so unmasked garbage shows up), outputs and workspaces start as NaN.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "mla_decode.h"
+
+#define CHECK_CUDA(expr)                                                                          \
+  do {                                                                                            \
+    cudaError_t e_ = (expr);                                                                      \
+    if (e_ != cudaSuccess) {                                                                      \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
+      std::exit(2);                                                                               \
+    }                                                                                             \
+  } while (0)
+
+namespace {
+
+constexpr int D = dskernels::kMlaDimQK;
+constexpr int DV = dskernels::kMlaDimV;
+constexpr int PAGE = dskernels::kMlaPageSize;
+
+__device__ uint32_t hash32(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ull;
+  x ^= x >> 33;
+  return static_cast<uint32_t>(x);
+}
+
+__device__ float uniform(uint64_t i, uint32_t seed) {
+  return hash32(i * 0x9E3779B97F4A7C15ull + seed) * (2.0f / 4294967296.0f) - 1.0f;
+}
+
+__global__ void fill_uniform(__nv_bfloat16* x, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    x[i] = __float2bfloat16(uniform(i, seed));
+}
+
+template <typename T>
+__global__ void fill_bits(T* x, size_t n, T v) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) x[i] = v;
+}
+
+// Random values into the valid tokens of every sequence (the rest of the cache stays NaN).
+__global__ void fill_cache(__nv_bfloat16* cache, int64_t page_stride, const int* bt, int bt_stride, int b,
+                           int seqlen, uint32_t seed) {
+  for (int t = blockIdx.x; t < seqlen; t += gridDim.x) {
+    const int page = bt[size_t(b) * bt_stride + t / PAGE];
+    __nv_bfloat16* tok = cache + page * page_stride + size_t(t % PAGE) * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x)
+      tok[d] = __float2bfloat16(uniform((uint64_t(b) << 40) + uint64_t(t) * D + d, seed));
+  }
+}
+
+// One CTA (256 threads) per (b, row): scores -> scratch, softmax, P V.
+__global__ void reference_kernel(const __nv_bfloat16* q, const __nv_bfloat16* cache, int64_t page_stride,
+                                 const int* bt, int bt_stride, const int* seqlens, int rows, int H, int s_q,
+                                 float scale, bool causal, int max_seq, float* scratch, float* out, float* lse) {
+  const int b = blockIdx.x / rows, row = blockIdx.x % rows;
+  const int i = row / H, h = row % H;
+  const int seqlen = seqlens[b];
+  const int lim = max(0, causal ? seqlen - s_q + i + 1 : seqlen);
+  const __nv_bfloat16* qr = q + (size_t(b) * rows + row) * D;
+  float* sc = scratch + size_t(blockIdx.x) * max_seq;
+  __shared__ float red[256];
+  for (int t = threadIdx.x; t < lim; t += blockDim.x) {
+    const __nv_bfloat16* k = cache + bt[size_t(b) * bt_stride + t / PAGE] * page_stride + size_t(t % PAGE) * D;
+    float acc = 0.0f;
+    for (int d = 0; d < D; ++d) acc += __bfloat162float(qr[d]) * __bfloat162float(k[d]);
+    sc[t] = acc * scale;
+  }
+  __syncthreads();
+  float m = -INFINITY;
+  for (int t = threadIdx.x; t < lim; t += blockDim.x) m = fmaxf(m, sc[t]);
+  red[threadIdx.x] = m;
+  __syncthreads();
+  for (int s = 128; s > 0; s /= 2) {
+    if (threadIdx.x < s) red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + s]);
+    __syncthreads();
+  }
+  m = red[0];
+  __syncthreads();
+  float sum = 0.0f;
+  for (int t = threadIdx.x; t < lim; t += blockDim.x) {
+    sc[t] = expf(sc[t] - m);
+    sum += sc[t];
+  }
+  red[threadIdx.x] = sum;
+  __syncthreads();
+  for (int s = 128; s > 0; s /= 2) {
+    if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+    __syncthreads();
+  }
+  sum = red[0];
+  for (int d = threadIdx.x; d < DV; d += blockDim.x) {
+    float acc = 0.0f;
+    for (int t = 0; t < lim; ++t)
+      acc += sc[t] * __bfloat162float(cache[bt[size_t(b) * bt_stride + t / PAGE] * page_stride + size_t(t % PAGE) * D + d]);
+    out[(size_t(b) * rows + row) * DV + d] = lim > 0 ? acc / sum : 0.0f;
+  }
+  if (threadIdx.x == 0) lse[(size_t(b) * H + h) * s_q + i] = lim > 0 ? m + logf(sum) : -INFINITY;
+}
+
+struct Case {
+  std::vector<int> seqlens;
+  int s_q, H;
+  bool causal;
+  int splits;         // items per batch (at most its block count)
+  float scale;
+  int page_pad;       // extra elements between pages
+};
+
+struct Problem {
+  int B, rows, num_pages, bt_stride, max_items, max_seq;
+  int64_t page_stride;
+  __nv_bfloat16 *q, *cache, *out;
+  int *bt, *seqlens, *items, *offsets;
+  float *o_part, *lse_part, *lse;
+};
+
+// Items: each batch's blocks split into `splits` near-equal ranges, then one unused slot.
+Problem make_problem(const Case& c, std::mt19937& rng) {
+  Problem p{};
+  p.B = int(c.seqlens.size());
+  p.rows = c.s_q * c.H;
+  p.max_seq = *std::max_element(c.seqlens.begin(), c.seqlens.end());
+  int total_pages = 0, max_blocks = 0;
+  for (int s : c.seqlens) {
+    total_pages += (s + PAGE - 1) / PAGE;
+    max_blocks = std::max(max_blocks, (s + PAGE - 1) / PAGE);
+  }
+  p.num_pages = total_pages + 3;
+  p.bt_stride = max_blocks + 1;
+  p.page_stride = int64_t(PAGE) * D + c.page_pad;
+  std::vector<int> perm(p.num_pages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<int> bt(size_t(p.B) * p.bt_stride, -1), items, offsets{0};
+  int next = 0;
+  for (int b = 0; b < p.B; ++b) {
+    const int nb = (c.seqlens[b] + PAGE - 1) / PAGE;
+    for (int k = 0; k < nb; ++k) bt[size_t(b) * p.bt_stride + k] = perm[next++];
+    const int parts = std::max(1, std::min(c.splits, nb));
+    for (int s = 0; s < parts; ++s) {
+      items.push_back(b);
+      items.push_back(nb * s / parts);
+      items.push_back(nb * (s + 1) / parts);
+    }
+    offsets.push_back(offsets.back() + parts);
+  }
+  items.insert(items.end(), {-1, 0, 0});
+  p.max_items = int(items.size() / 3);
+
+  const size_t q_elems = size_t(p.B) * p.rows * D;
+  const size_t cache_elems = size_t(p.num_pages) * p.page_stride;
+  CHECK_CUDA(cudaMalloc(&p.q, q_elems * 2));
+  CHECK_CUDA(cudaMalloc(&p.cache, cache_elems * 2));
+  CHECK_CUDA(cudaMalloc(&p.out, size_t(p.B) * p.rows * DV * 2));
+  CHECK_CUDA(cudaMalloc(&p.bt, bt.size() * 4));
+  CHECK_CUDA(cudaMalloc(&p.seqlens, p.B * 4));
+  CHECK_CUDA(cudaMalloc(&p.items, items.size() * 4));
+  CHECK_CUDA(cudaMalloc(&p.offsets, offsets.size() * 4));
+  CHECK_CUDA(cudaMalloc(&p.o_part, size_t(p.max_items) * p.rows * DV * 4));
+  CHECK_CUDA(cudaMalloc(&p.lse_part, size_t(p.max_items) * p.rows * 4));
+  CHECK_CUDA(cudaMalloc(&p.lse, size_t(p.B) * p.rows * 4));
+  CHECK_CUDA(cudaMemcpy(p.bt, bt.data(), bt.size() * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(p.seqlens, c.seqlens.data(), p.B * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(p.items, items.data(), items.size() * 4, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(p.offsets, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+
+  const uint32_t seed = rng();
+  fill_uniform<<<1024, 256>>>(p.q, q_elems, seed);
+  __nv_bfloat16_raw nan_raw;
+  nan_raw.x = 0x7FC0;
+  fill_bits<<<1024, 256>>>(p.cache, cache_elems, __nv_bfloat16(nan_raw));
+  for (int b = 0; b < p.B; ++b)
+    fill_cache<<<std::min(c.seqlens[b], 4096), 128>>>(p.cache, p.page_stride, p.bt, p.bt_stride, b, c.seqlens[b], seed + 1);
+  fill_bits<<<1024, 256>>>(p.out, size_t(p.B) * p.rows * DV, __nv_bfloat16(nan_raw));
+  fill_bits<<<1024, 256>>>(p.o_part, size_t(p.max_items) * p.rows * DV, NAN);
+  fill_bits<<<1024, 256>>>(p.lse_part, size_t(p.max_items) * p.rows, NAN);
+  fill_bits<<<1024, 256>>>(p.lse, size_t(p.B) * p.rows, NAN);
+  CHECK_CUDA(cudaGetLastError());
+  return p;
+}
+
+void free_problem(Problem& p) {
+  for (void* ptr : {(void*)p.q, (void*)p.cache, (void*)p.out, (void*)p.bt, (void*)p.seqlens, (void*)p.items,
+                    (void*)p.offsets, (void*)p.o_part, (void*)p.lse_part, (void*)p.lse})
+    cudaFree(ptr);
+}
+
+cudaError_t run(const Case& c, const Problem& p) {
+  cudaError_t err = dskernels::mla_decode_split(p.q, p.cache, p.num_pages, p.page_stride, p.bt, p.bt_stride,
+                                                p.seqlens, p.items, p.max_items, p.B, c.s_q, c.H, c.scale, c.causal,
+                                                p.o_part, p.lse_part, nullptr);
+  if (err != cudaSuccess) return err;
+  return dskernels::mla_decode_combine(p.o_part, p.lse_part, p.offsets, p.B, c.s_q, c.H, p.out, p.lse, nullptr);
+}
+
+bool check_case(const Case& c, std::mt19937& rng) {
+  Problem p = make_problem(c, rng);
+  const cudaError_t err = run(c, p);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const size_t n_out = size_t(p.B) * p.rows * DV, n_lse = size_t(p.B) * p.rows;
+  float *ref_out, *ref_lse, *scratch;
+  CHECK_CUDA(cudaMalloc(&ref_out, n_out * 4));
+  CHECK_CUDA(cudaMalloc(&ref_lse, n_lse * 4));
+  CHECK_CUDA(cudaMalloc(&scratch, size_t(p.B) * p.rows * p.max_seq * 4));
+  reference_kernel<<<p.B * p.rows, 256>>>(p.q, p.cache, p.page_stride, p.bt, p.bt_stride, p.seqlens, p.rows, c.H,
+                                          c.s_q, c.scale, c.causal, p.max_seq, scratch, ref_out, ref_lse);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<__nv_bfloat16> out(n_out);
+  std::vector<float> ro(n_out), lse(n_lse), rl(n_lse);
+  CHECK_CUDA(cudaMemcpy(out.data(), p.out, n_out * 2, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(ro.data(), ref_out, n_out * 4, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(lse.data(), p.lse, n_lse * 4, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(rl.data(), ref_lse, n_lse * 4, cudaMemcpyDeviceToHost));
+  double max_ref = 0.0, max_err = 0.0, max_lse_err = 0.0;
+  size_t nonfinite = 0, lse_bad = 0;
+  for (size_t i = 0; i < n_out; ++i) {
+    const double o = __bfloat162float(out[i]);
+    if (!std::isfinite(o)) { ++nonfinite; continue; }
+    max_ref = std::max(max_ref, std::fabs(double(ro[i])));
+    max_err = std::max(max_err, std::fabs(o - ro[i]));
+  }
+  for (size_t i = 0; i < n_lse; ++i) {
+    if (std::isinf(rl[i]) || std::isinf(lse[i])) {
+      if (!(std::isinf(rl[i]) && std::isinf(lse[i]) && rl[i] < 0 && lse[i] < 0)) ++lse_bad;
+      continue;
+    }
+    if (std::isnan(lse[i])) { ++lse_bad; continue; }
+    const double e = std::fabs(double(lse[i]) - rl[i]);
+    max_lse_err = std::max(max_lse_err, e);
+    if (e > 2e-3 * std::max(1.0, std::fabs(double(rl[i])))) ++lse_bad;
+  }
+  const double rel = max_err / std::max(max_ref, 1e-20);
+  const bool ok = err == cudaSuccess && nonfinite == 0 && lse_bad == 0 && rel <= 1.5e-2;
+  std::printf("%s B=%d s_q=%d H=%d causal=%d splits=%d scale=%.3f pad=%d seqlens=[", ok ? "PASS" : "FAIL", p.B, c.s_q,
+              c.H, int(c.causal), c.splits, c.scale, c.page_pad);
+  for (size_t i = 0; i < c.seqlens.size(); ++i) std::printf(i ? ",%d" : "%d", c.seqlens[i]);
+  std::printf("] rel_err=%.3e lse_err=%.3e nonfinite=%zu lse_bad=%zu%s%s\n", rel, max_lse_err, nonfinite, lse_bad,
+              err == cudaSuccess ? "" : " launch: ", err == cudaSuccess ? "" : cudaGetErrorString(err));
+  cudaFree(ref_out);
+  cudaFree(ref_lse);
+  cudaFree(scratch);
+  free_problem(p);
+  return ok;
+}
+
+int correctness() {
+  const float s = 1.0f / std::sqrt(float(D));
+  const std::vector<Case> cases = {
+      {{1, 100}, 1, 16, false, 1, s, 0},
+      {{64, 65, 128, 129}, 1, 16, false, 1, s, 0},
+      {{2, 65, 1000}, 2, 16, true, 3, s, 0},
+      {{1, 2, 3}, 2, 16, true, 1, s, 0},           // s_q > seqlen: rows with nothing visible
+      {{65, 130}, 2, 16, true, 8, s, 0},           // one block per item; query 0 sees nothing in the last item
+      {{4096, 777}, 1, 128, false, 4, s, 0},
+      {{64, 129, 3000}, 2, 128, true, 2, s, 8},    // padded page stride
+      {{500}, 1, 1, false, 1, s, 0},               // rows = 1
+      {{300, 70}, 2, 3, true, 2, 0.3f, 0},         // rows = 6, peaky softmax
+      {{1000, 333}, 2, 40, true, 3, s, 0},         // rows = 80: second m-block half padded
+      {{2048, 100}, 2, 64, false, 5, 0.3f, 64},    // non-causal s_q = 2
+      {{8192}, 1, 32, true, 16, s, 0},
+  };
+  std::mt19937 rng(1234);
+  int failures = 0;
+  for (const Case& c : cases) failures += !check_case(c, rng);
+  std::printf("%s: %d of %zu cases failed\n", failures ? "FAILED" : "ALL PASSED", failures, cases.size());
+  return failures ? 1 : 0;
+}
+
+int bench() {
+  int device = 0, num_sms = 0;
+  CHECK_CUDA(cudaGetDevice(&device));
+  CHECK_CUDA(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+  std::mt19937 rng(7);
+  const float s = 1.0f / std::sqrt(float(D));
+  for (int B : {64, 128})
+    for (int seq : {1024, 4096, 8192, 16384})
+      for (int H : {16, 64, 128})
+        for (int s_q : {1, 2}) {
+          const int m_blocks = (s_q * H + 63) / 64;
+          // Enough items per batch for about two CTAs per SM, at least 4 blocks each.
+          const int nb = (seq + PAGE - 1) / PAGE;
+          const int splits = std::max(1, std::min(nb / 4, (2 * num_sms + B * m_blocks - 1) / (B * m_blocks)));
+          Case c{std::vector<int>(B, seq), s_q, H, true, splits, s, 0};
+          Problem p = make_problem(c, rng);
+          cudaEvent_t e0, e1;
+          cudaEventCreate(&e0);
+          cudaEventCreate(&e1);
+          CHECK_CUDA(run(c, p));
+          CHECK_CUDA(cudaDeviceSynchronize());
+          const int reps = 20;
+          cudaEventRecord(e0);
+          for (int r = 0; r < reps; ++r) run(c, p);
+          cudaEventRecord(e1);
+          CHECK_CUDA(cudaEventSynchronize(e1));
+          float ms = 0.0f;
+          cudaEventElapsedTime(&ms, e0, e1);
+          const double t = ms / 1e3 / reps;
+          const double bytes = double(B) * seq * D * 2 + double(B) * s_q * H * (D + DV) * 2;
+          const double flops = 2.0 * B * s_q * H * double(seq) * (D + DV);
+          const double roof = std::max(bytes / 3.0e12, flops / 755e12);
+          std::printf("B=%d seq=%d H=%d s_q=%d splits=%d: %.1f us, %.0f GB/s, %.0f TFLOPS, %.2f of roofline\n", B, seq,
+                      H, s_q, splits, t * 1e6, bytes / t / 1e9, flops / t / 1e12, roof / t);
+          cudaEventDestroy(e0);
+          cudaEventDestroy(e1);
+          free_problem(p);
+        }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1 && std::strcmp(argv[1], "bench") == 0) return bench();
+  return correctness();
+}
