@@ -22,7 +22,9 @@ def launches():
         table = torch.arange(B * L // 64, device="cuda", dtype=torch.int32).view(B, -1)
         lens = torch.full((B,), L, device="cuda", dtype=torch.int32)
         q = torch.randn(B, 1, H, 576, device="cuda").to(torch.bfloat16)
-        yield lambda q=q, c=cache, t=table, n=lens: mla.mla_decode(q, c, t, n, ref.softmax_scale(), validate=False)
+        for backend in ("cuda", "triton"):
+            yield lambda q=q, c=cache, t=table, n=lens, be=backend: mla.mla_decode(
+                q, c, t, n, ref.softmax_scale(), validate=False, backend=be)
     x = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16)
     yield lambda: dskernels.per_token_group_quant(x)
 

@@ -23,12 +23,21 @@ def operands(M, N, K):
 
 
 def cublas_blockwise(a, sa, b, sb):
-    """torch._scaled_mm with 1x128 / 128x128 scales, or None with the reason. The scale layouts it
-    accepts have moved between torch versions: try each, keep the first whose result matches the
-    reference."""
+    """torch._scaled_mm with 1x128 / 128x128 scales, or None with the reason. torch 2.9-2.11 want
+    a's [M, K/128] scales column-major with stride exactly M, and check b's scales transposed
+    against b = mat2.T ([N, K]): scale_b.T must be [ceil(N/128), K/128] row-major, i.e. our b_scale,
+    passed as b_scale.T. Other versions checked them against mat2 ([K/128, N/128] row-major, the row
+    stride sometimes padded to a multiple of 4). Try each layout, keep the first whose result
+    matches the reference; the reasons of all failures go into the record."""
     want = ref.fp8_gemm(a, sa, b, sb, torch.float32)
+    M, Kb = sa.shape
+    Nb = sb.shape[0]
+    sa_col = torch.empty_strided((M, Kb), (1, M), dtype=torch.float32, device=sa.device).copy_(sa)
+    sb_kn = sb.t().contiguous()
+    sb_kn_padded = torch.empty_strided((Kb, Nb), ((Nb + 3) // 4 * 4, 1), dtype=torch.float32,
+                                       device=sb.device).copy_(sb.t())
     errors = []
-    for sa_l, sb_l in [(sa, sb), (sa, sb.t().contiguous().t()), (sa.contiguous(), sb)]:
+    for sa_l, sb_l in [(sa_col, sb.t()), (sa_col, sb_kn), (sa_col, sb_kn_padded)]:
         try:
             fn = lambda: torch._scaled_mm(a, b.t(), sa_l, sb_l, out_dtype=torch.bfloat16)  # noqa: E731
             got = fn().float()

@@ -21,11 +21,30 @@ enum class ScaleGranularity {
   k1D1D,  // one scale per 1 x 128 tile of b along K, MN-major like a_scale: weight-gradient GEMM
 };
 
-// Tile shape of one CTA's output tile. block_m is 64 or 128 (one or two math warpgroups of 64 rows);
-// block_n is one of the instantiated widths (see fp8_gemm.cu).
+// How a math warpgroup finishes a tile.
+enum class Fp8GemmEpilogue : int {
+  // Wait for the tile's last K block, then masked stores straight from registers; the tensor cores
+  // idle meanwhile. Every tile shape has it; the small-M picks use it.
+  kRegisters = 0,
+  // The next tile's first K block is issued to the tensor cores before the same register stores.
+  kOverlap = 1,
+  // kOverlap, and the tile goes out as bf16 through shared memory (stmatrix) and TMA stores issued by
+  // one thread per math warpgroup, which complete while the next tile computes. Only for bf16 `out`
+  // with N % 8 == 0 and `out` 16-byte aligned; otherwise this silently runs as kOverlap.
+  kTmaStore = 2,
+};
+
+// Which compiled kernel runs: the CTA's output tile and its variant. block_m is 64 or 128 (one or two
+// math warpgroups of 64 rows); block_n is one of the instantiated widths (see fp8_gemm.cu). cluster_m = 2
+// launches clusters of 2 CTAs on vertically adjacent tiles (same columns) that share each B tile through
+// TMA multicast (each CTA loads half of it), halving B's L2 -> SM traffic (correct, but measured 3-4x
+// slower on an H100: not picked). Aggregate initialization with two values ({128, 128}) gives the
+// register-epilogue kernel of that tile.
 struct Fp8GemmConfig {
   int block_m;
   int block_n;
+  Fp8GemmEpilogue epilogue = Fp8GemmEpilogue::kRegisters;
+  int cluster_m = 1;
 };
 
 // Launches the GEMM on `stream`. Never throws, never synchronizes. Returns cudaSuccess, the launch or
@@ -50,17 +69,23 @@ struct Fp8GemmConfig {
 //   K          > 0 and K % 128 == 0.
 //   num_sms    multiprocessor count of the device (cudaDeviceProp::multiProcessorCount, cached by the
 //              caller): the persistent grid has min(num_sms, tiles) CTAs.
-//   config     nullptr: pick the tile shape with fp8_gemm_pick_config. Otherwise use this one (for
-//              tuning and tests); it must be listed by fp8_gemm_config_supported.
+//   config     nullptr: use fp8_gemm_pick_config. Otherwise use this one (for tuning and tests); it
+//              must be accepted by fp8_gemm_config_supported.
 cudaError_t fp8_gemm(const void* a, const float* a_scale, int a_scale_ld, const void* b, const float* b_scale,
                      int b_scale_ld, ScaleGranularity b_gran, void* out, bool out_fp32, bool accumulate, int M, int N,
                      int K, int num_sms, cudaStream_t stream, const Fp8GemmConfig* config = nullptr);
 
-// The tile shape fp8_gemm uses for this problem when config is nullptr: the instantiated shape with the
-// least estimated time (waves of tiles times the slower of a tile's tensor-core and load time).
+// The config fp8_gemm uses for this problem when config is nullptr: the instantiated tile shape with the
+// least estimated time (waves of tiles times the slower of a tile's tensor-core and load time) among
+// the kRegisters / cluster_m = 1 kernels, then the variant from the rule table in fp8_gemm.cu (1D2D
+// with a 128-row tile: kTmaStore, measured faster on every DeepSeek-V3 shape).
 Fp8GemmConfig fp8_gemm_pick_config(int M, int N, int K, ScaleGranularity b_gran, int num_sms);
 
-// Whether (block_m, block_n) is compiled for this granularity.
+// Whether this exact config (tile shape, epilogue, cluster_m) is compiled for this granularity.
 bool fp8_gemm_config_supported(Fp8GemmConfig config, ScaleGranularity b_gran);
+
+// Writes up to `capacity` supported configs of this granularity into `configs` (may be nullptr when
+// capacity is 0) and returns how many exist, the register-epilogue kernels first. For tests and tuning sweeps.
+int fp8_gemm_list_configs(ScaleGranularity b_gran, Fp8GemmConfig* configs, int capacity);
 
 }  // namespace dskernels

@@ -24,6 +24,7 @@
 #include "fp8_gemm.h"
 
 using dskernels::Fp8GemmConfig;
+using dskernels::Fp8GemmEpilogue;
 using dskernels::ScaleGranularity;
 
 #define CHECK_CUDA(expr)                                                                          \
@@ -194,6 +195,21 @@ struct Buffers {
 
 const char* gran_name(ScaleGranularity g) { return g == ScaleGranularity::k1D2D ? "1D2D" : "1D1D"; }
 
+const char* epilogue_name(Fp8GemmEpilogue e) {
+  switch (e) {
+    case Fp8GemmEpilogue::kRegisters: return "regs";
+    case Fp8GemmEpilogue::kOverlap: return "overlap";
+    case Fp8GemmEpilogue::kTmaStore: return "tmastore";
+  }
+  return "?";
+}
+
+std::vector<Fp8GemmConfig> list_configs(ScaleGranularity gran) {
+  std::vector<Fp8GemmConfig> configs(dskernels::fp8_gemm_list_configs(gran, nullptr, 0));
+  dskernels::fp8_gemm_list_configs(gran, configs.data(), int(configs.size()));
+  return configs;
+}
+
 bool check(const Case& c, uint32_t seed) {
   Buffers buf(c, seed);
   const size_t n = size_t(c.M) * c.N;
@@ -208,8 +224,9 @@ bool check(const Case& c, uint32_t seed) {
   const Fp8GemmConfig used =
       c.config.block_m != 0 ? c.config : dskernels::fp8_gemm_pick_config(c.M, c.N, c.K, c.gran, g_num_sms);
   if (launch != cudaSuccess || sync != cudaSuccess) {
-    std::printf("FAIL M=%5d N=%5d K=%5d %s %s%s tile=%dx%d: %s / %s\n", c.M, c.N, c.K, gran_name(c.gran),
-                c.out_fp32 ? "fp32" : "bf16", c.accumulate ? "+acc" : "", used.block_m, used.block_n,
+    std::printf("FAIL M=%5d N=%5d K=%5d %s %s%s tile=%dx%d %s c%d: %s / %s\n", c.M, c.N, c.K,
+                gran_name(c.gran), c.out_fp32 ? "fp32" : "bf16", c.accumulate ? "+acc" : "", used.block_m, used.block_n,
+                epilogue_name(used.epilogue), used.cluster_m,
                 cudaGetErrorString(launch), cudaGetErrorString(sync));
     if (sync != cudaSuccess) std::exit(3);  // the context is gone after a device fault
     return false;
@@ -232,9 +249,9 @@ bool check(const Case& c, uint32_t seed) {
   const double rel = stats->max_abs_err / std::max(stats->max_abs_ref, 1e-30);
   const double diff = 1.0 - 2.0 * stats->sum_xy / std::max(stats->sum_xx_yy, 1e-300);
   const bool ok = stats->bad == 0 && guard_ok && rel <= 1e-2;
-  std::printf("%s M=%5d N=%5d K=%5d %s %s%s tile=%3dx%-3d max_rel_err=%.3e diff=%.3e nonfinite=%llu guard=%s\n",
+  std::printf("%s M=%5d N=%5d K=%5d %s %s%s tile=%3dx%-3d %-8s c%d max_rel_err=%.3e diff=%.3e nonfinite=%llu guard=%s\n",
               ok ? "ok  " : "FAIL", c.M, c.N, c.K, gran_name(c.gran), c.out_fp32 ? "fp32" : "bf16",
-              c.accumulate ? "+acc" : "    ", used.block_m, used.block_n, rel, diff, stats->bad,
+              c.accumulate ? "+acc" : "    ", used.block_m, used.block_n, epilogue_name(used.epilogue), used.cluster_m, rel, diff, stats->bad,
               guard_ok ? "intact" : "OVERWRITTEN");
   CHECK_CUDA(cudaFree(stats));
   return ok;
@@ -266,8 +283,7 @@ int bench(bool sweep) {
   const int ms[] = {64, 128, 4096};
   const int nks[][2] = {{2112, 7168}, {576, 7168}, {24576, 1536}, {32768, 512},
                         {7168, 16384}, {4096, 7168}, {7168, 2048}};
-  const Fp8GemmConfig all[] = {{64, 16}, {64, 32}, {64, 64}, {64, 128},
-                               {128, 64}, {128, 128}, {128, 144}};
+  const std::vector<Fp8GemmConfig> all = list_configs(ScaleGranularity::k1D2D);
   const size_t flush_bytes = 256u << 20;
   void* flush;
   CHECK_CUDA(cudaMalloc(&flush, flush_bytes));
@@ -278,7 +294,7 @@ int bench(bool sweep) {
       const Fp8GemmConfig pick = dskernels::fp8_gemm_pick_config(c.M, c.N, c.K, c.gran, g_num_sms);
       std::vector<Fp8GemmConfig> configs;
       if (sweep)
-        configs.assign(std::begin(all), std::end(all));
+        configs = all;
       else
         configs.push_back(pick);
       for (const Fp8GemmConfig& cfg : configs) {
@@ -286,9 +302,10 @@ int bench(bool sweep) {
         const double us = time_us(c, buf, flush, flush_bytes, 20);
         const double flops = 2.0 * c.M * c.N * double(c.K);
         const double bytes = double(c.M) * c.K + double(c.N) * c.K + 2.0 * c.M * c.N;
-        std::printf("bench M=%5d N=%5d K=%5d tile=%3dx%-3d%s %9.1f us %7.1f TFLOPS %6.0f GB/s\n", c.M, c.N, c.K,
-                    cfg.block_m, cfg.block_n,
-                    (cfg.block_m == pick.block_m && cfg.block_n == pick.block_n) ? "*" : " ", us,
+        const bool picked = cfg.block_m == pick.block_m && cfg.block_n == pick.block_n &&
+                            cfg.epilogue == pick.epilogue && cfg.cluster_m == pick.cluster_m;
+        std::printf("bench M=%5d N=%5d K=%5d tile=%3dx%-3d %s c%d%s %9.1f us %7.1f TFLOPS %6.0f GB/s\n", c.M, c.N,
+                    c.K, cfg.block_m, cfg.block_n, epilogue_name(cfg.epilogue), cfg.cluster_m, picked ? "*" : " ", us,
                     flops / us * 1e-6, bytes / us * 1e-3);
       }
     }
@@ -312,20 +329,18 @@ int main(int argc, char** argv) {
         cases.push_back({M, N, K, ScaleGranularity::k1D2D, true, true, {0, 0}});
         cases.push_back({M, N, K, ScaleGranularity::k1D1D, true, true, {0, 0}});
       }
-  // Every compiled tile shape on awkward shapes: odd N (unpaired stores), N not a multiple of the tile,
-  // tiles straddling two b_scale rows, M tails, a single K block.
-  const Fp8GemmConfig all_1d2d[] = {{64, 16}, {64, 32}, {64, 64}, {64, 128},
-                                    {128, 64}, {128, 128}, {128, 144}};
-  for (const Fp8GemmConfig& cfg : all_1d2d)
-    for (const auto& s : std::vector<std::array<int, 3>>{{129, 2112, 512}, {63, 1001, 384}, {300, 600, 128}}) {
-      cases.push_back({s[0], s[1], s[2], ScaleGranularity::k1D2D, false, false, cfg});
-      cases.push_back({s[0], s[1], s[2], ScaleGranularity::k1D2D, true, false, cfg});
-    }
-  for (const Fp8GemmConfig& cfg : {Fp8GemmConfig{64, 128}, Fp8GemmConfig{128, 128}})
-    for (const auto& s : std::vector<std::array<int, 3>>{{129, 2112, 512}, {63, 1001, 384}, {300, 600, 128}}) {
-      cases.push_back({s[0], s[1], s[2], ScaleGranularity::k1D1D, false, false, cfg});
-      cases.push_back({s[0], s[1], s[2], ScaleGranularity::k1D1D, true, true, cfg});
-    }
+  // Every compiled config (tile shape, epilogue, cluster) on awkward shapes: odd N (unpaired stores, no
+  // TMA store), N not a multiple of the tile, tiles straddling two b_scale rows, M tails, a single K
+  // block, and more tiles than SMs (each CTA walks several tiles: the overlapped epilogue's path).
+  const std::vector<std::array<int, 3>> awkward = {
+      {129, 2112, 512}, {63, 1001, 384}, {300, 600, 128}, {1000, 4000, 256}, {4096, 2112, 512}};
+  for (ScaleGranularity gran : {ScaleGranularity::k1D2D, ScaleGranularity::k1D1D}) {
+    for (const Fp8GemmConfig& cfg : list_configs(gran))
+      for (const auto& s : awkward) {
+        cases.push_back({s[0], s[1], s[2], gran, false, false, cfg});
+        cases.push_back({s[0], s[1], s[2], gran, true, gran == ScaleGranularity::k1D1D, cfg});
+      }
+  }
 
   int failures = 0;
   uint32_t seed = 1;
