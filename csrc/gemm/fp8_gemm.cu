@@ -157,30 +157,22 @@ __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
 }
 
-// Arrives on the mbarrier at the same shared-memory offset as `bar` in cluster CTA `cta_rank` (which may
-// be this CTA), with release semantics at cluster scope. Move to hopper.cuh.
-__device__ __forceinline__ void mbarrier_arrive_cluster(uint64_t* bar, uint32_t cta_rank) {
+// Arrives on the mbarrier at the same shared-memory offset as `bar` in cluster CTA `cta_rank` (the peer).
+// Default semantics (release at CTA scope), deliberately not `.release.cluster`: ptxas (CUDA 13.0) lowers
+// a cluster-scope release to MEMBAR.ALL.CTA + MEMBAR.ALL.GPU + ERRBAR + CGAERRBAR before the arrive, a
+// GPU-scope fence that stalls the warp until its outstanding memory operations are performed. The math
+// warps did that twice per K block (one arrival per CTA of the pair) right after the wgmma wait: the
+// H100 sweep shows a fixed ~1.5-2 us per K block in every cluster kernel, whatever the tile shape or
+// memory level, i.e. the 3-4x slowdown (NOTES.md). No fence is needed: the only hazard is write-after-read
+// on the stage (see retire() in the kernel). This is the instruction of CUTLASS's
+// ClusterBarrier::arrive(cta_id). Move to hopper.cuh.
+__device__ __forceinline__ void mbarrier_arrive_remote(uint64_t* bar, uint32_t cta_rank) {
   asm volatile(
       "{\n.reg .b32 remote;\n"
       "mapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(hopper::smem_addr(bar)),
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(hopper::smem_addr(bar)),
       "r"(cta_rank)
       : "memory");
-}
-
-// mbarrier_wait with acquire semantics at cluster scope (arrivals came from other CTAs). Move to hopper.cuh.
-__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, uint32_t parity) {
-  const uint32_t addr = hopper::smem_addr(bar);
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-        "selp.b32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(addr), "r"(parity)
-        : "memory");
-  } while (!done);
 }
 
 // 2-D tile copy global -> the shared memory of every CTA in `cta_mask`, at smem_dst's offset in each, and
@@ -363,8 +355,11 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
           constexpr int kHalfRows = BN / kCluster;
           for (int kb = 0; kb < num_k_blocks; ++kb) {
             // Stage s is free once the math warps of both CTAs released it (the multicast writes the
-            // peer's copy too); their arrivals are remote, hence acquire at cluster scope.
-            x::mbarrier_wait_cluster(&empty[s], phase ^ 1);
+            // peer's copy too). A plain (CTA-scope acquire) wait, as in the cluster_m = 1 path: the
+            // remote arrivals carry no data this thread reads, and the TMA issued below is causally after
+            // the observed phase. (An `.acquire.cluster` wait added a CCTL.IVALL after every try_wait: an
+            // invalidation of the SM's L1, where the math warps' __ldg'd b_scale is cached.)
+            mbarrier_wait(&empty[s], phase ^ 1);
             // The peer's half of B may complete_tx on full[s] before this expect_tx: the phase cannot
             // complete until this arrival, and the transaction count may go transiently negative.
             mbarrier_arrive_expect_tx(&full[s], tx);
@@ -450,16 +445,26 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
 
     // After the wait that completed d's group: frees its stage (in both CTAs of a cluster: the peer's
     // producer multicasts into this CTA's copy of the stage) and adds d * scales into acc.
+    // Why the two arrivals need no cluster-scope fence (kCluster = 2): stage s of this CTA is written by
+    // (1) this CTA's producer: A, A scales, (1D1D) B scales, and its half of B (multicast into both CTAs),
+    // and (2) the peer's producer: only its half of B (multicast). This warp reads the stage through
+    // (a) wgmma (async proxy): A and both halves of B, and (b) generic ld.shared of the scales.
+    // - (a) is complete, not merely ordered, once wgmma.wait_group has returned for d's group (the caller
+    //   did that), so any producer, local or remote, may overwrite A and B after observing an arrival
+    //   that follows it in program order; no fence is involved (CUTLASS's multicast consumer_release is
+    //   the same plain remote arrive).
+    // - (b) is overwritten only by this CTA's producer, and the local arrival is the cluster_m = 1
+    //   kernel's mbarrier.arrive (release, CTA scope) paired with that producer's CTA-scope acquire wait.
+    // Both CTAs walk the same (tile, kb) sequence, so the peer's barrier receives exactly one arrival per
+    // math warp of this CTA per phase (empty count = 4 x math warpgroups x kCluster), and never one for
+    // the next phase early: this CTA consumes stage s again only after full[s] completes again, which
+    // needs the peer's next multicast, issued after the peer's empty[s] phase has completed.
     auto retire = [&](float(&d)[BN / 2], const KBlockScales<BN, kScaleBPerRow>& sc, const TileInfo& ti) {
       fence_registers(d);
       __syncwarp();
       if (lane == 0) {
-        if constexpr (kCluster > 1) {
-#pragma unroll
-          for (int r = 0; r < kCluster; ++r) x::mbarrier_arrive_cluster(&empty[sc.stage], r);
-        } else {
-          mbarrier_arrive(&empty[sc.stage]);
-        }
+        mbarrier_arrive(&empty[sc.stage]);
+        if constexpr (kCluster > 1) x::mbarrier_arrive_remote(&empty[sc.stage], static_cast<uint32_t>(cta_rank ^ 1));
       }
       if constexpr (kScaleBPerRow) {
 #pragma unroll
@@ -642,36 +647,72 @@ struct Problem {
   int device;
 };
 
-// How many clusters of one kernel fit on the device at once (cached per device): a cluster launch needs
-// kCluster free SMs in one GPC, and GPCs need not have an even SM count, so this can be below
-// num_sms / kCluster. The persistent grid must not exceed it, or the extra clusters would run late.
-template <typename Kernel>
-int resident_clusters(Kernel kernel, int cluster, int threads, int smem_bytes, const Problem& q) {
-  static std::atomic<int> cache[64];  // per device ordinal; 0 = not queried yet
-  std::atomic<int>* slot = q.device >= 0 && q.device < 64 ? &cache[q.device] : nullptr;
+constexpr int kMaxDevices = 64;  // device ordinals with a cached occupancy answer
+
+// The cluster launch configuration shared by the occupancy query and the launch: a 1-D grid of `ctas` CTAs
+// in clusters of `cluster` CTAs along x. `attr` is the storage cfg.attrs points to (it must outlive cfg).
+cudaLaunchConfig_t cluster_launch_config(int ctas, int cluster, int threads, int smem_bytes, cudaStream_t stream,
+                                         cudaLaunchAttribute& attr) {
+  attr = cudaLaunchAttribute{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = cluster;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(ctas);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem_bytes;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+// How many clusters of `kernel` fit on the device at once: a cluster launch needs `cluster` free SMs in
+// one GPC, and GPCs need not have an even SM count, so this can be below num_sms / cluster (on an H100
+// SXM with one CTA per SM, expected 66 for cluster 2: 132 SMs in TPCs of 2). The persistent grid must not
+// exceed it, or the extra clusters would run as a second wave. `cache` is the kernel's own (one per
+// instantiation: every fp8_gemm_kernel has the same function type, so a cache keyed on the type, as
+// before, was shared by all cluster kernels and answered for whichever was queried first). A failed
+// query or an answer of 0 is not cached (and falls back to num_sms / cluster; a kernel that cannot run
+// as a cluster at all then fails at launch with the driver's error).
+int resident_clusters(const void* kernel, int cluster, int threads, int smem_bytes, const Problem& q,
+                      std::atomic<int> (&cache)[kMaxDevices]) {
+  std::atomic<int>* slot = q.device >= 0 && q.device < kMaxDevices ? &cache[q.device] : nullptr;
   if (slot != nullptr) {
     const int cached = slot->load(std::memory_order_relaxed);
     if (cached > 0) return cached;
   }
-  cudaLaunchConfig_t cfg{};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.gridDim = dim3(cluster);
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem_bytes;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_launch_config(cluster, cluster, threads, smem_bytes, nullptr, attr);
   int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, reinterpret_cast<const void*>(kernel), &cfg) != cudaSuccess ||
-      clusters < 1) {
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess || clusters < 1) {
     (void)cudaGetLastError();  // not sticky: clear it so the launch's check does not report it
     return std::max(1, q.num_sms / cluster);
   }
   if (slot != nullptr) slot->store(clusters, std::memory_order_relaxed);
   return clusters;
+}
+
+// Raises the kernel's dynamic shared-memory limit and returns in *ctas the persistent grid its launch
+// uses for q: min(num_sms, tiles) CTAs, or with clusters min(resident clusters, tiles) clusters of
+// kCluster CTAs, where a tile is then a cluster's (kCluster vertically adjacent m blocks).
+template <int BM, int BN, bool kScaleBPerRow, bool kOverlap = false, int kCluster = 1>
+cudaError_t persistent_grid(const Problem& q, int* ctas) {
+  using T = Tile<BM, BN, kScaleBPerRow, kOverlap>;
+  auto kernel = fp8_gemm_kernel<BM, BN, kScaleBPerRow, kOverlap, kCluster>;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const int num_tiles = ((q.M + BM - 1) / BM + kCluster - 1) / kCluster * ((q.N + BN - 1) / BN);
+  if constexpr (kCluster == 1) {
+    *ctas = std::max(1, std::min(q.num_sms, num_tiles));
+  } else {
+    static std::atomic<int> cache[kMaxDevices];  // this kernel's occupancy per device; 0 = not queried yet
+    const int resident =
+        resident_clusters(reinterpret_cast<const void*>(kernel), kCluster, T::kThreads, T::kSmemBytes, q, cache);
+    *ctas = std::max(1, std::min(resident, num_tiles)) * kCluster;
+  }
+  return cudaSuccess;
 }
 
 template <int BM, int BN, bool kScaleBPerRow, bool kOverlap = false, int kCluster = 1>
@@ -720,28 +761,15 @@ cudaError_t launch(const Problem& q) {
   p.tma_store = tma_store;
 
   auto kernel = fp8_gemm_kernel<BM, BN, kScaleBPerRow, kOverlap, kCluster>;
-  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
+  int grid = 0;
+  err = persistent_grid<BM, BN, kScaleBPerRow, kOverlap, kCluster>(q, &grid);
   if (err != cudaSuccess) return err;
-  const int num_tiles = p.num_m_blocks * p.num_n_blocks;
   if constexpr (kCluster == 1) {
-    const int grid = std::max(1, std::min(q.num_sms, num_tiles));
     kernel<<<grid, T::kThreads, T::kSmemBytes, q.stream>>>(tmap_a, tmap_b, tmap_a_scale, tmap_b_scale, p, tmap_out);
     return cudaGetLastError();
   } else {
-    const int clusters =
-        std::max(1, std::min(resident_clusters(kernel, kCluster, T::kThreads, T::kSmemBytes, q), num_tiles));
-    cudaLaunchConfig_t cfg{};
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = kCluster;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.gridDim = dim3(clusters * kCluster);
-    cfg.blockDim = dim3(T::kThreads);
-    cfg.dynamicSmemBytes = T::kSmemBytes;
-    cfg.stream = q.stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = cluster_launch_config(grid, kCluster, T::kThreads, T::kSmemBytes, q.stream, attr);
     return cudaLaunchKernelEx(&cfg, kernel, tmap_a, tmap_b, tmap_a_scale, tmap_b_scale, p, tmap_out);
   }
 }
@@ -759,29 +787,42 @@ struct ConfigEntry {
   bool overlap;
   int cluster_m;
   cudaError_t (*launch)(const Problem&);
+  cudaError_t (*grid)(const Problem&, int* ctas);  // the persistent grid `launch` uses (fp8_gemm_grid_ctas)
 };
+
+// The entry of one compiled kernel (its fields follow from the template arguments).
+template <int BM, int BN, bool kScaleBPerRow, bool kOverlap = false, int kCluster = 1>
+constexpr ConfigEntry kernel_entry() {
+  return {BM,
+          BN,
+          kScaleBPerRow ? ScaleGranularity::k1D1D : ScaleGranularity::k1D2D,
+          kOverlap,
+          kCluster,
+          launch<BM, BN, kScaleBPerRow, kOverlap, kCluster>,
+          persistent_grid<BM, BN, kScaleBPerRow, kOverlap, kCluster>};
+}
 
 constexpr ConfigEntry kConfigs[] = {
     // Register-epilogue kernels: the tile-shape heuristic chooses among these.
-    {64, 16, ScaleGranularity::k1D2D, false, 1, launch<64, 16, false>},
-    {64, 32, ScaleGranularity::k1D2D, false, 1, launch<64, 32, false>},
-    {64, 64, ScaleGranularity::k1D2D, false, 1, launch<64, 64, false>},
-    {64, 128, ScaleGranularity::k1D2D, false, 1, launch<64, 128, false>},
-    {128, 64, ScaleGranularity::k1D2D, false, 1, launch<128, 64, false>},
-    {128, 128, ScaleGranularity::k1D2D, false, 1, launch<128, 128, false>},
-    {128, 144, ScaleGranularity::k1D2D, false, 1, launch<128, 144, false>},
-    {64, 128, ScaleGranularity::k1D1D, false, 1, launch<64, 128, true>},
-    {128, 128, ScaleGranularity::k1D1D, false, 1, launch<128, 128, true>},
+    kernel_entry<64, 16, false>(),
+    kernel_entry<64, 32, false>(),
+    kernel_entry<64, 64, false>(),
+    kernel_entry<64, 128, false>(),
+    kernel_entry<128, 64, false>(),
+    kernel_entry<128, 128, false>(),
+    kernel_entry<128, 144, false>(),
+    kernel_entry<64, 128, true>(),
+    kernel_entry<128, 128, true>(),
     // Variants (all pass the self-test on an H100; the rule table below selects among them).
-    {128, 64, ScaleGranularity::k1D2D, true, 1, launch<128, 64, false, true, 1>},
-    {128, 64, ScaleGranularity::k1D2D, true, 2, launch<128, 64, false, true, 2>},
-    {128, 128, ScaleGranularity::k1D2D, false, 2, launch<128, 128, false, false, 2>},
-    {128, 128, ScaleGranularity::k1D2D, true, 1, launch<128, 128, false, true, 1>},
-    {128, 128, ScaleGranularity::k1D2D, true, 2, launch<128, 128, false, true, 2>},
-    {128, 144, ScaleGranularity::k1D2D, true, 1, launch<128, 144, false, true, 1>},
-    {128, 144, ScaleGranularity::k1D2D, true, 2, launch<128, 144, false, true, 2>},
-    {128, 128, ScaleGranularity::k1D1D, true, 1, launch<128, 128, true, true, 1>},
-    {128, 128, ScaleGranularity::k1D1D, true, 2, launch<128, 128, true, true, 2>},
+    kernel_entry<128, 64, false, true, 1>(),
+    kernel_entry<128, 64, false, true, 2>(),
+    kernel_entry<128, 128, false, false, 2>(),
+    kernel_entry<128, 128, false, true, 1>(),
+    kernel_entry<128, 128, false, true, 2>(),
+    kernel_entry<128, 144, false, true, 1>(),
+    kernel_entry<128, 144, false, true, 2>(),
+    kernel_entry<128, 128, true, true, 1>(),
+    kernel_entry<128, 128, true, true, 2>(),
 };
 
 bool is_base_kernel(const ConfigEntry& e) { return !e.overlap && e.cluster_m == 1; }
@@ -804,9 +845,10 @@ const ConfigEntry* find_config(Fp8GemmConfig c, ScaleGranularity gran) {
 // hold and whose config is compiled.
 // Measured on an H100 (`fp8_gemm_selftest sweep`, 2026-11-23, all 21 DeepSeek-V3 shapes): on every
 // shape where the cost model picks a 128-row tile, the TMA-store epilogue of the same tile is faster,
-// by 1.08x (4096x4096x7168) to 2.2x (4096x32768x512, where the register epilogue's stores stalled the
-// tensor cores for a third of each short-K tile); kOverlap alone gains up to 1.06x. The 2-CTA
-// multicast variants measured 3-4x slower than cluster_m = 1 (to be investigated, so no rule uses them).
+// by 1.08x (4096x4096x7168) to 2.2x (4096x32768x512: the shorter K, the larger the share of a tile's
+// time its epilogue takes when the tensor cores wait for it); kOverlap alone gains up to 1.06x. The 2-CTA
+// multicast variants measured 3-4x slower than cluster_m = 1: a cluster-scope fence per K block in their
+// consumer release, removed since (NOTES.md); no rule uses them until a GPU sweep times the fixed kernels.
 // 1D1D variants pass the self-test but were not timed: no rule for them yet.
 // (kTmaStore falls back to kOverlap's register stores by itself for fp32 / odd N / unaligned out.)
 // ------------------------------------------------------------------------------------------------
@@ -914,4 +956,25 @@ cudaError_t fp8_gemm(const void* a, const float* a_scale, int a_scale_ld, const 
   return entry->launch(q);
 }
 
+namespace fp8_gemm_detail {
+
+// Debug hook for the self-test, deliberately not declared in fp8_gemm.h (fp8_gemm_selftest.cu declares it
+// itself): the number of CTAs fp8_gemm launches for an M x N problem with this config on the current
+// device (a multiple of config.cluster_m), computed by the same function the launch uses. Like a launch,
+// it sets the kernel's dynamic shared-memory attribute (and, for clusters, queries the occupancy once).
+cudaError_t fp8_gemm_grid_ctas(int M, int N, ScaleGranularity b_gran, int num_sms, Fp8GemmConfig config, int* ctas) {
+  if (M < 1 || N < 1 || num_sms < 1 || ctas == nullptr) return cudaErrorInvalidValue;
+  const ConfigEntry* entry = find_config(config, b_gran);
+  if (entry == nullptr) return cudaErrorInvalidValue;
+  Problem q{};
+  q.M = M;
+  q.N = N;
+  q.K = kBlockK;
+  q.num_sms = num_sms;
+  const cudaError_t err = cudaGetDevice(&q.device);
+  if (err != cudaSuccess) return err;
+  return entry->grid(q, ctas);
+}
+
+}  // namespace fp8_gemm_detail
 }  // namespace dskernels

@@ -37,8 +37,8 @@ enum class Fp8GemmEpilogue : int {
 // Which compiled kernel runs: the CTA's output tile and its variant. block_m is 64 or 128 (one or two
 // math warpgroups of 64 rows); block_n is one of the instantiated widths (see fp8_gemm.cu). cluster_m = 2
 // launches clusters of 2 CTAs on vertically adjacent tiles (same columns) that share each B tile through
-// TMA multicast (each CTA loads half of it), halving B's L2 -> SM traffic (correct, but measured 3-4x
-// slower on an H100: not picked). Aggregate initialization with two values ({128, 128}) gives the
+// TMA multicast (each CTA loads half of it), halving B's L2 -> SM traffic (correct; measured 3-4x slower
+// on an H100 because of a GPU-wide fence per K block, since removed, not yet re-measured: not picked). Aggregate initialization with two values ({128, 128}) gives the
 // register-epilogue kernel of that tile.
 struct Fp8GemmConfig {
   int block_m;

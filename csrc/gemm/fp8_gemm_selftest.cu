@@ -7,6 +7,7 @@
 //   ./fp8_gemm_selftest          # correctness: one line per case, exit 1 on any mismatch
 //   ./fp8_gemm_selftest bench    # DeepSeek-V3 shapes with the heuristic's tile shape
 //   ./fp8_gemm_selftest sweep    # the same shapes with every compiled tile shape (to tune the heuristic)
+// Each bench line ends with grid=CTAS, the persistent grid launched (cluster configs: clusters x 2).
 //
 // A case fails when max|out - ref| / max|ref| > 1e-2, when any output is NaN/Inf, or when the guard
 // bytes after the output changed. Outputs start poisoned (NaN) unless the case accumulates.
@@ -22,6 +23,14 @@
 #include <vector>
 
 #include "fp8_gemm.h"
+
+// Defined in fp8_gemm.cu, deliberately outside the public header: the CTAs fp8_gemm launches for this
+// problem and config (the persistent grid; a multiple of cluster_m).
+namespace dskernels {
+namespace fp8_gemm_detail {
+cudaError_t fp8_gemm_grid_ctas(int M, int N, ScaleGranularity b_gran, int num_sms, Fp8GemmConfig config, int* ctas);
+}  // namespace fp8_gemm_detail
+}  // namespace dskernels
 
 using dskernels::Fp8GemmConfig;
 using dskernels::Fp8GemmEpilogue;
@@ -287,6 +296,7 @@ int bench(bool sweep) {
   const size_t flush_bytes = 256u << 20;
   void* flush;
   CHECK_CUDA(cudaMalloc(&flush, flush_bytes));
+  std::printf("device: %d SMs\n", g_num_sms);
   for (int m : ms) {
     for (const auto& nk : nks) {
       Case c{m, nk[0], nk[1], ScaleGranularity::k1D2D, false, false, {0, 0}};
@@ -304,9 +314,12 @@ int bench(bool sweep) {
         const double bytes = double(c.M) * c.K + double(c.N) * c.K + 2.0 * c.M * c.N;
         const bool picked = cfg.block_m == pick.block_m && cfg.block_n == pick.block_n &&
                             cfg.epilogue == pick.epilogue && cfg.cluster_m == pick.cluster_m;
-        std::printf("bench M=%5d N=%5d K=%5d tile=%3dx%-3d %s c%d%s %9.1f us %7.1f TFLOPS %6.0f GB/s\n", c.M, c.N,
-                    c.K, cfg.block_m, cfg.block_n, epilogue_name(cfg.epilogue), cfg.cluster_m, picked ? "*" : " ", us,
-                    flops / us * 1e-6, bytes / us * 1e-3);
+        // The launched grid (CTAs), so a cluster config's grid can be checked against the SM count.
+        int ctas = 0;
+        CHECK_CUDA(dskernels::fp8_gemm_detail::fp8_gemm_grid_ctas(c.M, c.N, c.gran, g_num_sms, cfg, &ctas));
+        std::printf("bench M=%5d N=%5d K=%5d tile=%3dx%-3d %s c%d%s %9.1f us %7.1f TFLOPS %6.0f GB/s grid=%d\n", c.M,
+                    c.N, c.K, cfg.block_m, cfg.block_n, epilogue_name(cfg.epilogue), cfg.cluster_m, picked ? "*" : " ",
+                    us, flops / us * 1e-6, bytes / us * 1e-3, ctas);
       }
     }
   }

@@ -16,11 +16,28 @@ def _configs():
     if EMULATE_CASTS:  # the CPU interpreter: one small config, autotuning would only cost time
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 4, 6), (128, 128, 8, 4),
+            for bm, bn, w, s in [(64, 16, 4, 8), (64, 32, 4, 8), (64, 64, 4, 6),
+                                 (64, 64, 4, 4), (64, 128, 4, 4), (64, 128, 4, 6), (128, 128, 8, 4),
                                  (128, 256, 8, 3), (128, 128, 4, 4), (64, 256, 8, 4), (128, 64, 4, 5)]]
 
 
+def _prune(configs, named_args, **kwargs):
+    """Autotune only the tiles that can win. M <= 128 is bound by reading b once: 64-row tiles, and
+    narrow ones (16, 32 columns) that spread N = 2112 / 576 / 4096 over all SMs (a 64 x 64 grid
+    fills a quarter of an H100 at M = 64, N = 2112: measured 45 us against CUDA's 15 us on 64 x 16
+    tiles). Larger M is bound by the tensor cores: tiles of at least 64 x 64."""
+    M = named_args["M"]
+    if EMULATE_CASTS:
+        return configs
+    if M <= 128:
+        keep = [c for c in configs if c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] <= 128]
+    else:
+        keep = [c for c in configs if c.kwargs["BLOCK_N"] >= 64]
+    return keep or configs
+
+
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "B_PER_ROW", "ACCUMULATE"],
+                 prune_configs_by={"early_config_prune": _prune},
                  restore_value=["out_ptr"])  # accumulate: every trial must start from the same out
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, M, N, K, stride_sa_m, stride_sa_k,
