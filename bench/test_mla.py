@@ -2,7 +2,11 @@
 FLOPs / bf16 ceiling), against a plain-PyTorch absorbed decode (gather + matmul) and, where it fits
 in memory, the un-absorbed path, both measured in the same run; FlashMLA's figures from
 bench/anchors.json as reference lines. Bytes: the cache pages read plus q and out; FLOPs:
-2 * B * s_q * H * L * (576 + 512). Uniform lengths, page 64, causal."""
+2 * B * s_q * H * L * (576 + 512). Uniform lengths, page 64, causal.
+
+The decode is timed with its work list made beforehand (get_mla_metadata, once per decode step for
+all layers), as FlashMLA's own benchmark times flash_mla_with_kvcache after get_mla_metadata;
+test_mla_metadata times that step itself."""
 import pytest
 import torch
 
@@ -68,8 +72,10 @@ def test_mla_decode(report, shape, backend):
         q_nope = torch.randn(B, s_q, H, 128, device="cuda", dtype=torch.bfloat16)
         wkv_b = torch.randn(H * 256, 512, device="cuda", dtype=torch.bfloat16) / 512 ** 0.5
         more["unabsorbed"] = lambda: torch_unabsorbed(q_nope, q[..., 512:], cache, block_table, wkv_b, scale)
+    md = mla.get_mla_metadata(lens, block_table, cache.shape[0], s_q, H)
     report(op="mla_decode", backend=backend, shape={"B": B, "L": L, "H": H, "s_q": s_q},
-           fn=lambda: mla.mla_decode(q, cache, block_table, lens, scale, validate=False, backend=backend),
+           fn=lambda: mla.mla_decode(q, cache, block_table, lens, scale, metadata=md, validate=False,
+                                     backend=backend),
            flops=2 * B * s_q * H * L * (576 + 512), bytes_moved=B * L * 576 * 2 + q.numel() * 2 + B * s_q * H * 512 * 2,
            bound="roofline", peer="plain PyTorch absorbed (gather + bmm)",
            peer_fn=lambda: torch_absorbed(q, cache, block_table, lens, scale), more_peers=more,
@@ -83,10 +89,26 @@ def test_mla_decode_fp8_cache(report, shape):
     q, cache_bf16, block_table, lens = setup(B, L, H, s_q)
     cache = ref.quantize_cache_rows(cache_bf16[..., :512], cache_bf16[..., 512:])
     scale = ref.softmax_scale()
+    md = mla.get_mla_metadata(lens, block_table, cache.shape[0], s_q, H)
     report(op="mla_decode_fp8_cache", backend="triton", shape={"B": B, "L": L, "H": H, "s_q": s_q},
-           fn=lambda: mla.mla_decode(q, cache, block_table, lens, scale, validate=False, backend="triton"),
+           fn=lambda: mla.mla_decode(q, cache, block_table, lens, scale, metadata=md, validate=False,
+                                     backend="triton"),
            flops=2 * B * s_q * H * L * (576 + 512),
            bytes_moved=B * L * ref.FP8_CACHE_BYTES + q.numel() * 2 + B * s_q * H * 512 * 2,
            bound="roofline", peer="Triton over the bf16 cache",
-           peer_fn=lambda: mla.mla_decode(q, cache_bf16, block_table, lens, scale, validate=False,
+           peer_fn=lambda: mla.mla_decode(q, cache_bf16, block_table, lens, scale, metadata=md, validate=False,
                                           backend="triton"))
+
+
+@pytest.mark.parametrize("B", [128, 1024])
+def test_mla_metadata(report, B):
+    """The once-per-step scheduler: one CUDA launch against its torch-op specification (about 50 small
+    kernels). Bytes: the lengths and the block table read, the work list written."""
+    L, H, s_q = 8192, 128, 1
+    n = B * L // 64
+    block_table = torch.randperm(n, device="cuda", dtype=torch.int32).view(B, L // 64)
+    lens = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    report(op="mla_metadata", backend="cuda", shape={"B": B, "L": L, "H": H, "s_q": s_q},
+           fn=lambda: mla.get_mla_metadata(lens, block_table, n, s_q, H, backend="cuda"),
+           bytes_moved=block_table.numel() * 4 + B * 4, bound="copy_GBps", peer="torch ops (reference)",
+           peer_fn=lambda: mla.get_mla_metadata(lens, block_table, n, s_q, H, backend="reference"))

@@ -193,6 +193,48 @@ def test_schedule_covers_every_block_once_in_balanced_items():
     assert (items[offsets[-1]:, 0] == -1).all()
 
 
+SCHEDULE_BACKENDS = [p for p in backends_for(mla.MIN_CAPABILITY) if p.values[0] != "triton"]
+
+
+@pytest.mark.parametrize("backend", SCHEDULE_BACKENDS)
+@pytest.mark.parametrize("H", [1, 32, 128], ids=lambda h: f"H{h}")
+def test_metadata_equals_the_schedule_specification(backend, H):
+    """get_mla_metadata (one CUDA launch on a GPU) gives exactly `schedule`'s integers: ragged lengths
+    from 0 to 16k, lengths past the table, below s_q, negative, out-of-range pages."""
+    g = torch.Generator().manual_seed(11)
+    B, max_pages, num_pages = 1500, 260, 5000  # more batches than the CUDA kernel has threads
+    lens = torch.randint(0, 16640, (B,), generator=g, dtype=torch.int32)
+    lens[:6] = torch.tensor([0, 1, 2, 64, 65, 16384], dtype=torch.int32)
+    lens[6], lens[7] = max_pages * 64 + 1, -5  # past what the table covers; negative
+    table = torch.randint(0, num_pages, (B, max_pages), generator=g, dtype=torch.int32)
+    table[8, 3], table[9, 0], table[10, 200] = num_pages, -1, num_pages + 7  # outside the cache
+    lens[10] = 100  # its bad page lies past its blocks: not flagged
+    s_q = 2
+    md = mla.get_mla_metadata(lens.to(DEVICE), table.to(DEVICE), num_pages, s_q, H, backend=backend)
+    parts = mla.num_parts(DEVICE, s_q * H)
+    items, offsets, bad = mla.schedule(lens, table, num_pages, s_q, parts)
+    assert torch.equal(md.items.cpu(), items) and torch.equal(md.item_offsets.cpu(), offsets)
+    assert torch.equal(md.bad.cpu(), bad)
+    assert bad[[0, 1, 6, 7, 8, 9]].tolist() == [1, 1, 1, 1, 1, 1] and bad[[2, 3, 4, 5, 10]].tolist() == [0] * 5
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "reference"])
+def test_metadata_computed_once_serves_every_layer(backend):
+    """One get_mla_metadata per step, reused by several calls (layers) with other queries: each call
+    gives what a call without metadata gives; metadata made for another head count is refused."""
+    cache, block_table, lens = paged_cache([700, 65, 3000], seed=12)
+    md = mla.get_mla_metadata(lens, block_table, cache.shape[0], 2, 32)
+    for layer in range(2):
+        q = query(3, 2, 32, seed=20 + layer)
+        out, lse = mla.mla_decode(q, cache, block_table, lens, ref.softmax_scale(), metadata=md, backend=backend)
+        check_against_reference(out, lse, q, cache, block_table, lens, ref.softmax_scale(), True)
+    with pytest.raises(ValueError, match="metadata was made for s_q = 2, num_heads = 32"):
+        mla.mla_decode(query(3, 2, 16), cache, block_table, lens, ref.softmax_scale(), metadata=md, backend=backend)
+    with pytest.raises(TypeError, match="metadata must be the MlaMetadata"):
+        mla.mla_decode(query(3, 2, 32), cache, block_table, lens, ref.softmax_scale(), metadata=tuple(md)[:3],
+                       backend=backend)
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 def test_bad_input_raises():

@@ -74,11 +74,20 @@ PYBIND11_MODULE(_C, m) {
                                   stream(st)),
                  "mla_decode_split");
   });
-  m.def("mla_decode_combine", [](uintptr_t o_partial, uintptr_t lse_partial, uintptr_t offsets, int B,
-                                 int s_q, int H, uintptr_t out, uintptr_t lse, uintptr_t st) {
+  m.def("mla_decode_combine", [](uintptr_t o_partial, uintptr_t lse_partial, uintptr_t offsets, uintptr_t bad,
+                                 int B, int s_q, int H, uintptr_t out, uintptr_t lse, uintptr_t st) {
     check_kernel(mla_decode_combine(ptr<const float>(o_partial), ptr<const float>(lse_partial),
-                                    ptr<const int>(offsets), B, s_q, H, ptr(out), ptr<float>(lse), stream(st)),
+                                    ptr<const int>(offsets), ptr<const int>(bad), B, s_q, H, ptr(out),
+                                    ptr<float>(lse), stream(st)),
                  "mla_decode_combine");
+  });
+  m.def("mla_decode_schedule", [](uintptr_t seqlens, uintptr_t block_table, int bt_stride, int B, int max_pages,
+                                  int num_pages, int s_q, int num_parts, uintptr_t items, uintptr_t offsets,
+                                  uintptr_t bad, uintptr_t st) {
+    check_kernel(mla_decode_schedule(ptr<const int>(seqlens), ptr<const int>(block_table), bt_stride, B,
+                                     max_pages, num_pages, s_q, num_parts, ptr<int>(items), ptr<int>(offsets),
+                                     ptr<int>(bad), stream(st)),
+                 "mla_decode_schedule");
   });
   m.def("quant_groups", [](uintptr_t x, int dtype, int rows, int cols, int64_t ld_x, uintptr_t q,
                            int64_t ld_q, uintptr_t s, int64_t s_r, int64_t s_g, bool pow2,

@@ -2,23 +2,29 @@
 
     q_latent = absorb_query(q_nope, wkv_b)                 [B, s, H, 128] -> [B, s, H, 512]
     cache_seqlens = append_to_cache(cache, block_table, cache_seqlens, kv_latent, k_rope)
-    out, lse = mla_decode(q, cache, block_table, cache_seqlens, softmax_scale(), causal=True)
+    metadata = get_mla_metadata(cache_seqlens, block_table, num_pages, s_q, H)  # once per decode step
+    out, lse = mla_decode(q, cache, block_table, cache_seqlens, softmax_scale(), causal=True,
+                          metadata=metadata)                                      # every layer
     o = absorb_output(out, wkv_b)                          [B, s, H, 512] -> [B, s, H, 128]
 
 q = cat([q_latent, q_pe], -1) is [B, s_q, H, 576] bf16; cache [num_pages, 64, 1, 576] bf16;
 block_table [B, max_pages] int32; cache_seqlens [B] int32 counts the cached tokens including the
 s_q query tokens (append them first). The math is specified in dskernels.reference.mla.
 
-Work is split flash-decoding style: `schedule` cuts every sequence into items of at most `quota`
+Work is split flash-decoding style: the scheduler cuts every sequence into items of at most `quota`
 64-token blocks so that all items together fill the GPU about evenly, whatever the mix of lengths,
-and a combine step merges each batch's items by log-sum-exp. The schedule is computed with torch
-ops on the device (no host sync, CUDA-graph safe) into a work list of fixed size.
+and a combine step merges each batch's items by log-sum-exp. The work list depends only on the
+lengths, the block table and the head count, so, as FlashMLA's get_mla_metadata, it is computed once
+per decode step (`get_mla_metadata`: one CUDA launch, or `schedule`'s torch ops, on the device: no
+host sync, CUDA-graph safe) and shared by all layers; mla_decode computes it itself when not given.
 
 Values are checked on the host when validate=True (the default: one device-to-host sync): block
 table entries inside the cache, cache_seqlens within what the table covers and >= s_q. With
 validate=False (CUDA graphs, production) the kernels check on the device instead: an invalid page is
 never read, and every output row of the offending batch becomes NaN.
 """
+from typing import NamedTuple
+
 import torch
 
 from dskernels import backend as _backend
@@ -42,7 +48,17 @@ def _auto_order(q: torch.Tensor, cache: torch.Tensor) -> tuple:
         return ("triton", "cuda")
     return ("cuda", "triton")
 
-__all__ = ["absorb_query", "absorb_output", "softmax_scale", "append_to_cache", "mla_decode", "schedule"]
+__all__ = ["absorb_query", "absorb_output", "softmax_scale", "append_to_cache", "get_mla_metadata", "mla_decode",
+           "schedule", "MlaMetadata"]
+
+
+class MlaMetadata(NamedTuple):
+    """The work list of one decode step (see `schedule`) and the shape it was made for."""
+    items: torch.Tensor         # [num_parts + B, 3] int32: (batch, first block, end block); batch -1 = unused
+    item_offsets: torch.Tensor  # [B + 1] int32: batch b owns items item_offsets[b] .. item_offsets[b+1]-1
+    bad: torch.Tensor           # [B] int32: 1 where the block table or length is invalid (output NaN)
+    s_q: int
+    num_heads: int
 
 
 def schedule(cache_seqlens: torch.Tensor, block_table: torch.Tensor, num_pages: int, s_q: int,
@@ -75,47 +91,95 @@ def schedule(cache_seqlens: torch.Tensor, block_table: torch.Tensor, num_pages: 
     return items.int(), offsets.int(), bad.int()
 
 
-def _num_parts(device: torch.device, head_blocks: int) -> int:
-    """Items to aim for: enough that items x head blocks fill the SMs about once."""
+def num_parts(device: torch.device, rows: int) -> int:
+    """Items to aim for: enough that items x 64-row head blocks fill the SMs about once."""
     if device.type != "cuda":
         return 4
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, sms // head_blocks)
+    return max(1, sms // -(-rows // 64))
 
 
-def _triton_decode(q, cache, block_table, cache_seqlens, scale, causal, out, lse):
-    from dskernels.triton import mla as tm  # imported lazily: triton is optional
-    work = _work(q, cache, block_table, cache_seqlens, tm.head_block(q.shape[1] * q.shape[2]))
-    tm.mla_decode(q, cache, block_table, cache_seqlens, scale, causal, work, out, lse)
+def _cuda_schedule(cache_seqlens, block_table, num_pages, s_q, parts):
+    B, max_pages = block_table.shape
+    items = torch.empty(parts + B, 3, dtype=torch.int32, device=block_table.device)
+    offsets = torch.empty(B + 1, dtype=torch.int32, device=block_table.device)
+    bad = torch.empty(B, dtype=torch.int32, device=block_table.device)
+    with _backend.on_device(block_table):
+        _backend._C.mla_decode_schedule(cache_seqlens.data_ptr(), block_table.data_ptr(), block_table.stride(0), B,
+                                        max_pages, num_pages, s_q, parts, items.data_ptr(), offsets.data_ptr(),
+                                        bad.data_ptr(), _backend.stream(block_table))
+    return items, offsets, bad
 
 
-def _work(q, cache, block_table, cache_seqlens, head_rows):
-    """The scheduler's work list for this call and the partial-result buffers it needs."""
-    B, s_q, H, _ = q.shape
-    rows = s_q * H
-    items, offsets, bad = schedule(cache_seqlens, block_table, cache.shape[0], s_q,
-                                   _num_parts(q.device, -(-rows // head_rows)))
+_SCHEDULE = {"reference": schedule, "cuda": _cuda_schedule}
+
+
+def get_mla_metadata(cache_seqlens, block_table, num_pages: int, s_q: int, num_heads: int, *,
+                     backend: str = "auto") -> MlaMetadata:
+    """The work list of a decode step, for every mla_decode call (layer) that reads the same
+    cache_seqlens [B] int32 and block_table [B, max_pages] int32 with s_q query tokens of num_heads
+    heads: one CUDA launch ("cuda", any GPU the extension runs on) or `schedule`'s torch ops
+    ("reference"). Computed on the device from the current values: no host sync, CUDA-graph safe.
+    Recompute it whenever the lengths or the block table change (every step)."""
+    cache_seqlens = _backend.as_tensor("cache_seqlens", cache_seqlens)
+    block_table = _backend.as_tensor("block_table", block_table)
+    check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, contiguous=False)
+    if block_table.stride(1) != 1:
+        raise ValueError(f"block_table must have unit stride along pages, got strides {block_table.stride()}")
+    check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1, device=block_table.device)
+    check_shape("cache_seqlens", cache_seqlens, (block_table.shape[0],))
+    for name, value in (("num_pages", num_pages), ("s_q", s_q), ("num_heads", num_heads)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    name = _backend.resolve(backend, block_table.device, MIN_CAPABILITY, ("reference", "cuda"), ("cuda",))
+    parts = num_parts(block_table.device, s_q * num_heads)
+    items, offsets, bad = _SCHEDULE[name](cache_seqlens, block_table, num_pages, s_q, parts)
+    return MlaMetadata(items, offsets, bad, s_q, num_heads)
+
+
+def _check_metadata(metadata, B, s_q, H, device):
+    if not isinstance(metadata, MlaMetadata):
+        raise TypeError(f"metadata must be the MlaMetadata of get_mla_metadata, got {type(metadata).__name__}")
+    if (metadata.s_q, metadata.num_heads) != (s_q, H):
+        raise ValueError(f"metadata was made for s_q = {metadata.s_q}, num_heads = {metadata.num_heads}; this "
+                         f"call has s_q = {s_q}, num_heads = {H}")
+    check_tensor("metadata.items", metadata.items, dtypes=(torch.int32,), ndim=2, device=device)
+    if metadata.items.shape[1] != 3 or metadata.items.shape[0] < B:
+        raise ValueError(f"metadata.items must be [num_parts + B, 3] with B = {B}, got "
+                         f"{tuple(metadata.items.shape)}")
+    check_tensor("metadata.item_offsets", metadata.item_offsets, dtypes=(torch.int32,), ndim=1, device=device)
+    check_shape("metadata.item_offsets", metadata.item_offsets, (B + 1,))
+    check_tensor("metadata.bad", metadata.bad, dtypes=(torch.int32,), ndim=1, device=device)
+    check_shape("metadata.bad", metadata.bad, (B,))
+
+
+def _partials(q, items):
+    """Per-item partial outputs and log-sum-exps the split pass writes and the combine reads."""
+    rows = q.shape[1] * q.shape[2]
     o_part = torch.empty(items.shape[0], rows, KV_LORA_RANK, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(items.shape[0], rows, dtype=torch.float32, device=q.device)
-    return items, offsets, bad, o_part, lse_part
+    return o_part, lse_part
 
 
-def _cuda_decode(q, cache, block_table, cache_seqlens, scale, causal, out, lse):
+def _triton_decode(q, cache, block_table, cache_seqlens, scale, causal, items, offsets, bad, out, lse):
+    from dskernels.triton import mla as tm  # imported lazily: triton is optional
+    tm.mla_decode(q, cache, block_table, cache_seqlens, scale, causal,
+                  (items, offsets, bad, *_partials(q, items)), out, lse)
+
+
+def _cuda_decode(q, cache, block_table, cache_seqlens, scale, causal, items, offsets, bad, out, lse):
     B, s_q, H, _ = q.shape
-    items, offsets, bad, o_part, lse_part = _work(q, cache, block_table, cache_seqlens, 64)
+    o_part, lse_part = _partials(q, items)
     C, st = _backend._C, _backend.stream(q)
     C.mla_decode_split(q.data_ptr(), cache.data_ptr(), cache.shape[0], cache.stride(0), block_table.data_ptr(),
                        block_table.stride(0), cache_seqlens.data_ptr(), items.data_ptr(), items.shape[0], B, s_q,
                        H, scale, causal, o_part.data_ptr(), lse_part.data_ptr(), st)
-    C.mla_decode_combine(o_part.data_ptr(), lse_part.data_ptr(), offsets.data_ptr(), B, s_q, H, out.data_ptr(),
-                         lse.data_ptr(), st)
-    # the device-side check: a batch the scheduler flagged comes back NaN (no host sync)
-    flagged = bad.bool()
-    out.masked_fill_(flagged.view(B, 1, 1, 1), float("nan"))
-    lse.masked_fill_(flagged.view(B, 1, 1), float("nan"))
+    # a batch the scheduler flagged (bad) comes back NaN: the device-side check, no host sync
+    C.mla_decode_combine(o_part.data_ptr(), lse_part.data_ptr(), offsets.data_ptr(), bad.data_ptr(), B, s_q, H,
+                         out.data_ptr(), lse.data_ptr(), st)
 
 
-def _reference_decode(q, cache, block_table, cache_seqlens, scale, causal, out, lse):
+def _reference_decode(q, cache, block_table, cache_seqlens, scale, causal, items, offsets, bad, out, lse):
     o, l = _ref.mla_decode(q, cache, block_table, cache_seqlens.cpu(), scale, causal)
     out.copy_(o)
     lse.copy_(l)
@@ -126,19 +190,20 @@ _DECODE = {"reference": _reference_decode, "triton": _triton_decode, "cuda": _cu
 
 @torch.library.custom_op("dskernels::mla_decode", mutates_args=())
 def _mla_decode_op(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
-                   cache_seqlens: torch.Tensor, softmax_scale: float, causal: bool,
+                   cache_seqlens: torch.Tensor, items: torch.Tensor, item_offsets: torch.Tensor,
+                   bad: torch.Tensor, softmax_scale: float, causal: bool,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     B, s_q, H, _ = q.shape
     out = _backend.empty((B, s_q, H, KV_LORA_RANK), q.dtype, q.device)
     lse = _backend.empty((B, H, s_q), torch.float32, q.device)
     with _backend.on_device(q):
         _DECODE[backend](q, cache.view(cache.shape[0], PAGE_SIZE, cache.shape[-1]), block_table,
-                         cache_seqlens, softmax_scale, causal, out, lse)
+                         cache_seqlens, softmax_scale, causal, items, item_offsets, bad, out, lse)
     return out, lse
 
 
 @_mla_decode_op.register_fake
-def _(q, cache, block_table, cache_seqlens, softmax_scale, causal, backend):
+def _(q, cache, block_table, cache_seqlens, items, item_offsets, bad, softmax_scale, causal, backend):
     B, s_q, H, _ = q.shape
     return (q.new_empty((B, s_q, H, KV_LORA_RANK)), q.new_empty((B, H, s_q), dtype=torch.float32))
 
@@ -179,13 +244,14 @@ def _validate_values(cache, block_table, cache_seqlens, s_q):
 
 
 def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale: float, causal: bool = True, *,
-               validate: bool = True, backend: str = "auto"):
+               metadata: MlaMetadata | None = None, validate: bool = True, backend: str = "auto"):
     """Absorbed MLA attention of q [B, s_q, H, 576] bf16 over the paged latent cache (bf16, or the
     FP8 cache that append_to_cache fills when cache is uint8 [num_pages, 64, 1, 656]).
 
     Returns out [B, s_q, H, 512] bf16 (softmax-weighted latents: apply absorb_output) and
     lse [B, H, s_q] fp32 (natural-log sum-exp of the scaled scores). causal masks later query tokens
-    among the s_q (speculative decoding). See the module docstring for layouts and validate.
+    among the s_q (speculative decoding). metadata: get_mla_metadata of this step's cache_seqlens
+    and block_table (computed here when None). See the module docstring for layouts and validate.
     """
     q = _backend.as_tensor("q", q)
     cache, block_table = _backend.as_tensor("cache", cache), _backend.as_tensor("block_table", block_table)
@@ -204,7 +270,12 @@ def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale: float, causa
                          "runs on backend='triton' or 'reference'")
     if validate or name == "reference":
         _validate_values(cache, block_table, cache_seqlens, s_q)
-    return _mla_decode_op(q, cache, block_table, cache_seqlens, float(softmax_scale), causal, name)
+    if metadata is None:
+        metadata = get_mla_metadata(cache_seqlens, block_table, cache.shape[0], s_q, H)
+    else:
+        _check_metadata(metadata, B, s_q, H, q.device)
+    return _mla_decode_op(q, cache, block_table, cache_seqlens, metadata.items, metadata.item_offsets,
+                          metadata.bad, float(softmax_scale), causal, name)
 
 
 def append_to_cache(cache, block_table, cache_seqlens, kv_latent, k_rope, *, validate: bool = True,

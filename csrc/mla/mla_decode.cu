@@ -1,18 +1,17 @@
 // MLA absorbed decode for Hopper: split pass (wgmma + TMA) and combine pass. API and layouts:
-// mla_decode.h; design, budgets and open questions: NOTES.md beside this file.
+// mla_decode.h; design, budgets and measurements: NOTES.md beside this file.
 //
 // Split pass, one CTA per (work item, 64 query rows), 3 warpgroups:
-//   - WG 2 (producer, 40 registers): one thread loads the 64 x 576 Q tile once (nine 64 x 64 TMA boxes,
-//     128-byte swizzle) and then streams the item's 64-token cache blocks (nine boxes each, pages found
-//     through the block table; a 3-D tensor map with the page index as the outer coordinate) into a
-//     2-stage ring guarded by full/empty mbarriers.
-//   - WG 0 and WG 1 (math, 232 registers). Per block: WG w computes S_w = Q K[32w .. 32w+31]^T
-//     (36 x wgmma m64n32k16, both operands K-major from smem), the two halves exchange row maxima through
-//     smem, each turns its half into P (bf16) in a shared 64 x 64 swizzled smem tile, and then WG w adds
-//     P V[:, 256w .. 256w+255] into its 64 x 256 fp32 output (4 x wgmma m64n256k16, A = P from smem,
-//     B = V read MN-major from the same cache tile: "transposed B").
-//   - Pipelining inside each math WG: S of block n+1 is issued before P V of block n, so the softmax of
-//     block n+1 runs on CUDA cores while the tensor cores do P V of block n.
+//   - WG 2 (producer, 24 registers): one thread loads the 64 x 576 Q tile once (nine 64 x 64 TMA boxes,
+//     128-byte swizzle); two threads stream the item's 64-token cache blocks (nine boxes each, pages found
+//     through the block table; a 3-D tensor map with the page index as the outer coordinate) into two
+//     buffers, even blocks into buffer 0 and odd blocks into buffer 1, each filled and released in two
+//     groups with their own full/empty mbarriers.
+//   - WG 0 and WG 1 (math, 240 registers) "seesaw": WG w computes S = Q K^T of the blocks of parity w as a
+//     full 64 x 64 tile and owns O columns 256w .. 256w+255. The running max is chained between them, so
+//     while one runs softmax on CUDA cores the other's wgmma keep the tensor cores busy (the FlashMLA
+//     design). V is read MN-major from the same cache tile ("transposed B"): the cache is read once for
+//     both GEMMs.
 
 #include "mla_decode.h"
 
@@ -51,26 +50,31 @@ inline constexpr int kChunkDims = 64;              // one 128-byte swizzle row o
 inline constexpr int kNumChunks = kMlaDimQK / kChunkDims;  // 9 (8 of V + 1 RoPE)
 inline constexpr int kChunkBytes = 64 * 128;        // 64 rows (query rows or tokens) x 128 bytes
 inline constexpr int kTileBytes = kNumChunks * kChunkBytes;  // 73 728: one 64 x 576 bf16 tile
-inline constexpr int kStages = 2;
 inline constexpr int kMaxDynamicSmem = 232448;
 
-// Shared-memory layout (offsets from the 1024-aligned base).
+// Shared-memory layout (offsets from the 1024-aligned base). The two cache buffers hold blocks of
+// opposite parity; the P tile one math warpgroup hands to the other lives in the chunk-8 (RoPE) slot of
+// its buffer once S no longer needs it.
 inline constexpr int kQOffset = 0;
-inline constexpr int kKVOffset = kQOffset + kTileBytes;
-inline constexpr int kPOffset = kKVOffset + kStages * kTileBytes;   // 64 x 64 bf16 P, swizzled like a chunk
-inline constexpr int kMaxOffset = kPOffset + kChunkBytes;           // float [2 buffers][2 WGs][64 rows]
-inline constexpr int kSumOffset = kMaxOffset + 2 * 2 * 64 * 4;      // float [2 WGs][64 rows]
-inline constexpr int kBarOffset = kSumOffset + 2 * 64 * 4;          // full[kStages], empty[kStages], q
-inline constexpr int kSmemBytes = kBarOffset + (2 * kStages + 1) * 8 + 1024;  // +1024: re-alignment slack
+inline constexpr int kKVOffset = kQOffset + kTileBytes;              // buffer 0 (even blocks), buffer 1 (odd)
+inline constexpr int kStatOffset = kKVOffset + 2 * kTileBytes;       // float [6][64], see kStat*
+inline constexpr int kBarOffset = kStatOffset + 6 * 64 * 4;          // full[4], empty[4], q
+inline constexpr int kSmemBytes = kBarOffset + 9 * 8 + 1024;         // +1024: re-alignment slack
 static_assert(kSmemBytes <= kMaxDynamicSmem, "shared memory");
 static_assert(kTileBytes < (1 << 20), "mbarrier transaction count range");
 static_assert(128 * (kProducerRegs + 2 * kMathRegs) <= 65536, "register file after setmaxnreg");
+inline constexpr int kStatMaxA = 0, kStatScaleA = 1, kStatMaxB = 2, kStatScaleB = 3, kStatSum = 4;  // Sum: 2 rows
 
-// Named barriers of the two math warpgroups (256 threads); 0 is __syncthreads.
-inline constexpr uint32_t kBarMax = 1;    // row maxima of both halves of S are in smem
-inline constexpr uint32_t kBarPFull = 2;  // both halves of P are in smem
-inline constexpr uint32_t kBarPFree = 3;  // both warpgroups' P V wgmma that read the P tile have completed
-inline constexpr uint32_t kBarZero = 4;   // the tail of a partial cache block is zeroed
+// Named barriers (ids 1..7; 0 is __syncthreads). One-way hand-offs: the writer warpgroup bar.arrive's,
+// the reader bar.sync's, 256 threads in all. A writer cannot signal an id twice before the reader has
+// waited once: each next signal is causally after the reader's wait (through the other hand-offs or the
+// buffer refills).
+inline constexpr uint32_t kBarMaxA = 1;    // WG 0 -> 1: running max and rescale after the even block
+inline constexpr uint32_t kBarMaxB = 2;    // WG 1 -> 0: running max and rescale after the odd block
+inline constexpr uint32_t kBarPA = 3;      // WG 0 -> 1: P of the even block in buffer 0's chunk-8 slot
+inline constexpr uint32_t kBarPB = 4;      // WG 1 -> 0: P of the odd block in buffer 1's chunk-8 slot
+inline constexpr uint32_t kBarZero = 5;    // + warpgroup (5, 6): one warpgroup's 128 threads, tail zeroing
+inline constexpr uint32_t kBarSum = 7;     // epilogue row sums of both warpgroups
 
 }  // namespace mla_detail
 
@@ -78,9 +82,18 @@ namespace {
 
 using namespace mla_detail;
 
+// Math warpgroup w owns the blocks of parity w (buffer w) and O columns 256w .. 256w+255:
+//   - S of its own block is a full 64 x 64 tile (wgmma N = 64: the Q operand is read once per block);
+//   - the running max is chained: WG 0 updates it with its block, then WG 1 with its block, so each
+//     needs only the other's published value (no per-block exchange of both halves);
+//   - P of its own block feeds its own P V from registers; a copy (rescaled to the newest max) goes to
+//     the other warpgroup through the P slot of the buffer;
+//   - while one warpgroup runs softmax on CUDA cores, the other's wgmma keep the tensor cores busy.
+// Each buffer is filled and released in two groups (the owner's V half first, then the other half plus
+// the RoPE chunk), so the next block's loads start as soon as each half's last P V completes.
 __global__ void __launch_bounds__(kThreads, 1)
     mla_split_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv,
-                     const SplitParams p) {
+                            const SplitParams p) {
 #if DSK_HOPPER_DEVICE
   using namespace hopper;
 
@@ -98,19 +111,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   uint8_t* s_q = smem + kQOffset;
   uint8_t* s_kv = smem + kKVOffset;
-  uint8_t* s_p = smem + kPOffset;
-  float* s_max = reinterpret_cast<float*>(smem + kMaxOffset);
-  float* s_sum = reinterpret_cast<float*>(smem + kSumOffset);
+  float* s_stat = reinterpret_cast<float*>(smem + kStatOffset);
+  // full[2 * buf + g] / empty[2 * buf + g]: group 0 = chunks 4buf .. 4buf+3 (the owner's V half),
+  // group 1 = chunks 4(1-buf) .. +3 and chunk 8 (the other V half, the RoPE part, later the P tile).
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + kBarOffset);
-  uint64_t* empty = full + kStages;
-  uint64_t* q_bar = empty + kStages;
+  uint64_t* empty = full + 4;
+  uint64_t* q_bar = empty + 4;
 
   const int warpgroup = threadIdx.x / 128;
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(&full[s], 1);   // the producer's arrive.expect_tx
-      mbarrier_init(&empty[s], 8);  // one arrival per math warp
+    for (int i = 0; i < 4; ++i) {
+      mbarrier_init(&full[i], 1);   // the producer's arrive.expect_tx
+      mbarrier_init(&empty[i], 4);  // one arrival per warp of the releasing warpgroup
     }
     mbarrier_init(q_bar, 1);
     fence_mbarrier_init();
@@ -119,225 +132,401 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (warpgroup == 2) {
-    // ---------------- producer ----------------
+    // ---------------- producer: warp 8 lane 0 fills buffer 0 (and Q), warp 9 lane 0 buffer 1 ----------------
     setmaxnreg_dec<kProducerRegs>();
-    if (threadIdx.x == 256 && num_blocks > 0) {
-      tma_prefetch_descriptor(&tmap_q);
+    const int buf = (threadIdx.x - 256) / 32;
+    if (threadIdx.x % 32 == 0 && buf < 2 && num_blocks > buf) {
       tma_prefetch_descriptor(&tmap_kv);
-      mbarrier_arrive_expect_tx(q_bar, kTileBytes);
-      for (int c = 0; c < kNumChunks; ++c)
-        tma_load_3d(s_q + c * kChunkBytes, &tmap_q, q_bar, c * kChunkDims, m_block * kMlaRowsPerCta, b);
-      const int* bt = p.block_table + static_cast<size_t>(b) * p.bt_stride + blk_begin;
-      int s = 0;
-      uint32_t phase = 0;
-      for (int n = 0; n < num_blocks; ++n) {
-        const int page = __ldg(bt + n);
-        mbarrier_wait(&empty[s], phase ^ 1);
-        mbarrier_arrive_expect_tx(&full[s], kTileBytes);
-        uint8_t* dst = s_kv + s * kTileBytes;
+      if (buf == 0) {
+        tma_prefetch_descriptor(&tmap_q);
+        mbarrier_arrive_expect_tx(q_bar, kTileBytes);
         for (int c = 0; c < kNumChunks; ++c)
-          tma_load_3d(dst + c * kChunkBytes, &tmap_kv, &full[s], c * kChunkDims, 0, page);
-        if (++s == kStages) { s = 0; phase ^= 1; }
+          tma_load_3d(s_q + c * kChunkBytes, &tmap_q, q_bar, c * kChunkDims, m_block * kMlaRowsPerCta, b);
+      }
+      const int* bt = p.block_table + static_cast<size_t>(b) * p.bt_stride + blk_begin;
+      uint8_t* dst = s_kv + buf * kTileBytes;
+      for (int n = buf, j = 0; n < num_blocks; n += 2, ++j) {
+        const int page = __ldg(bt + n);
+        const uint32_t phase = j & 1;
+        mbarrier_wait(&empty[2 * buf], phase ^ 1);
+        mbarrier_arrive_expect_tx(&full[2 * buf], 4 * kChunkBytes);
+        for (int i = 0; i < 4; ++i) {
+          const int c = 4 * buf + i;
+          tma_load_3d(dst + c * kChunkBytes, &tmap_kv, &full[2 * buf], c * kChunkDims, 0, page);
+        }
+        mbarrier_wait(&empty[2 * buf + 1], phase ^ 1);
+        mbarrier_arrive_expect_tx(&full[2 * buf + 1], 5 * kChunkBytes);
+        for (int i = 0; i < 5; ++i) {
+          const int c = i < 4 ? 4 * (1 - buf) + i : 8;
+          tma_load_3d(dst + c * kChunkBytes, &tmap_kv, &full[2 * buf + 1], c * kChunkDims, 0, page);
+        }
       }
     }
   } else {
     // ---------------- math warpgroups ----------------
     setmaxnreg_inc<kMathRegs>();
-    const int wg = warpgroup;                      // S token half and O dim half of this warpgroup
-    const int tid = threadIdx.x;                   // 0 .. 255
-    const int warp = (tid / 32) % 4, lane = tid % 32;
+    // Broadcast so the compiler knows wg is warp-uniform: descriptors and branches on it then stay in
+    // uniform registers instead of being recomputed per thread for every wgmma.
+    const int wg = __shfl_sync(0xffffffffu, warpgroup, 0);  // owns buffer wg (blocks of parity wg), O dims 256wg ..
+    const int wtid = threadIdx.x % 128;
+    const int warp = wtid / 32, lane = wtid % 32;
     const int r_lo = warp * 16 + lane / 4;         // tile row of fragment entries 4j + 0/1; +8 for 4j + 2/3
     const int quad_col = 2 * (lane % 4);           // fragment column of entry 4j + 0, minus 8j
 
-    // Visible tokens are t < lim[h] for the rows r_lo + 8h. Padded rows (>= rows) see the whole
-    // sequence: they read zero Q (TMA out-of-bounds fill) and are never stored.
+    // Visible tokens are t < lim[h] for the rows r_lo + 8h (padded rows see the whole sequence).
     int lim[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = m_block * kMlaRowsPerCta + r_lo + 8 * h;
       lim[h] = (p.causal && r < p.rows) ? seqlen - p.s_q + r / p.H + 1 : seqlen;
     }
+    const int lim_min = min(lim[0], lim[1]);
 
     float o[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.0f;
-    float row_max[2] = {-INFINITY, -INFINITY};  // running max of scaled scores (log2 units)
-    float row_sum[2] = {0.0f, 0.0f};           // this thread's partial sum of P over its columns
-    float s[16];                                // S fragment: 64 rows x 32 tokens of this warpgroup
-    uint32_t pk[8];                             // P as bf16 pairs: pk[2j + h] = columns 8j + quad_col + 0/1
-    float alpha[2];
+    float row_max[2] = {-INFINITY, -INFINITY};  // running max of scaled scores (log2 units), shared value
+    float row_sum[2] = {0.0f, 0.0f};           // thread-partial sum of this warpgroup's own P, same scale as o
+    float s[32];                                // S / P of the own block: 64 rows x 64 tokens (the
+                                                // first wgmma of each S has scale-d 0: no initial value)
+    uint32_t pk[16];                            // P as bf16 pairs: pk[2j + h] = (s[4j + 2h], s[4j + 2h + 1])
+#pragma unroll
+    for (int i = 0; i < 16; ++i) pk[i] = 0u;  // read (as fence operands) before the first write
 
-    // K-major descriptors: Q chunk c at +c*8192 bytes, K rows of this warpgroup's token half at +32*128.
+    float* s_max_a = s_stat + kStatMaxA * 64;
+    float* s_scale_a = s_stat + kStatScaleA * 64;
+    float* s_max_b = s_stat + kStatMaxB * 64;
+    float* s_scale_b = s_stat + kStatScaleB * 64;
+    float* s_sum = s_stat + kStatSum * 64;
+
     const uint64_t desc_q = smem_desc_sw128(s_q, 0, 1024);
-    const uint64_t desc_p = smem_desc_sw128(s_p, 0, 1024);
+    uint8_t* own_buf = s_kv + wg * kTileBytes;
+    uint8_t* other_buf = s_kv + (1 - wg) * kTileBytes;
 
-    // Zeroes tokens >= seqlen of block n (stage st) so that 0-weighted garbage (NaN) cannot reach O.
-    auto zero_tail = [&](int n, int st) {
-      const int valid = seqlen - (blk_begin + n) * kMlaPageSize;
-      if (valid < kMlaPageSize) {  // uniform across both math warpgroups
-        const int bad_rows = kMlaPageSize - valid;
-        const int per_chunk = bad_rows * 8;  // 16-byte pieces per chunk
-        uint8_t* base = s_kv + st * kTileBytes;
-        for (int idx = tid; idx < kNumChunks * per_chunk; idx += kMathThreads) {
-          const int c = idx / per_chunk, rem = idx % per_chunk;
-          *reinterpret_cast<uint4*>(base + c * kChunkBytes + (valid + rem / 8) * 128 + (rem % 8) * 16) =
-              make_uint4(0, 0, 0, 0);
-        }
-        fence_proxy_async_smem();
-        named_barrier_sync(kBarZero, kMathThreads);
-      }
-    };
-
-    // S = Q K_half^T for the block in stage st: 9 chunks x 4 k-steps of 16 (32 bytes: +2 in the descriptor).
-    auto issue_s = [&](int st) {
-      const uint64_t desc_k = smem_desc_sw128(s_kv + st * kTileBytes + wg * 32 * 128, 0, 1024);
+    // S = Q K^T of the own buffer's block, in two commit groups: first the owner's V half (chunks 4wg ..
+    // 4wg+3, released and refilled first), then the other half and the RoPE chunk. K-major operands,
+    // +512 per chunk and +2 per 16-dim k-step; each group waits for its own TMA group.
+    auto issue_s_first = [&](uint32_t phase) {
+      const uint64_t desc_k = smem_desc_sw128(own_buf, 0, 1024);
+      mbarrier_wait(&full[2 * wg], phase);
+      fence_registers(s);
       wgmma_fence();
 #pragma unroll
-      for (int c = 0; c < kNumChunks; ++c) {
+      for (int i = 0; i < 4; ++i) {
+        const uint64_t off = static_cast<uint64_t>((4 * wg + i) * (kChunkBytes >> 4));
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const uint64_t off = static_cast<uint64_t>(c * (kChunkBytes >> 4) + 2 * k);
-          wgmma_m64k16_bf16_kk<32>(s, desc_q + off, desc_k + off, (c | k) != 0);
-        }
+        for (int k = 0; k < 4; ++k) wgmma_m64n64k16_bf16_ss(s, desc_q + off + 2 * k, desc_k + off + 2 * k, (i | k) != 0);
       }
       wgmma_commit_group();
     };
-
-    // O_half += P V_half for the block in stage st. V chunk 4*wg + d (64 dims) is an MN-major 64-token
-    // x 64-dim atom column: LBO 8192 (next 64 dims = next chunk), SBO 1024 (next 8 tokens); k-step of
-    // 16 tokens = 2048 bytes (+128). P (A operand) steps 16 tokens = 32 bytes (+2).
-    auto issue_pv = [&](int st) {
-      const uint64_t desc_v = smem_desc_sw128(s_kv + st * kTileBytes + wg * 4 * kChunkBytes, kChunkBytes, 1024);
+    auto issue_s_second = [&](uint32_t phase) {
+      const uint64_t desc_k = smem_desc_sw128(own_buf, 0, 1024);
+      mbarrier_wait(&full[2 * wg + 1], phase);
       wgmma_fence();
+#pragma unroll
+      for (int i = 0; i < 5; ++i) {
+        const int c = i < 4 ? 4 * (1 - wg) + i : 8;
+        const uint64_t off = static_cast<uint64_t>(c * (kChunkBytes >> 4));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) wgmma_m64n64k16_bf16_ss(s, desc_q + off + 2 * k, desc_k + off + 2 * k, 1);
+      }
+      wgmma_commit_group();
+    };
+    auto issue_s = [&](uint32_t phase) {
+      issue_s_first(phase);
+      issue_s_second(phase);
+    };
+
+    // O += P V[:, own dims] for the own block, P from registers (pk). V chunk 4wg + d is an MN-major atom
+    // column: LBO 8192 (next 64 dims), SBO 1024 (next 8 tokens), +128 (16 tokens) per k-step.
+    auto issue_pv_own = [&]() {
+      const uint64_t desc_v = smem_desc_sw128(own_buf + 4 * wg * kChunkBytes, kChunkBytes, 1024);
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        wgmma_m64n256k16_bf16_rs_tnspb(o, pk[4 * k], pk[4 * k + 1], pk[4 * k + 2], pk[4 * k + 3], desc_v + 128 * k, 1);
+      wgmma_commit_group();
+    };
+
+    // O += P V[:, own dims] for the other block, P from the other buffer's chunk-8 slot (K-major, +2 per k-step).
+    auto issue_pv_other = [&]() {
+      const uint64_t desc_v = smem_desc_sw128(other_buf + 4 * wg * kChunkBytes, kChunkBytes, 1024);
+      const uint64_t desc_p = smem_desc_sw128(other_buf + 8 * kChunkBytes, 0, 1024);
 #pragma unroll
       for (int k = 0; k < 4; ++k) wgmma_m64k16_bf16_kmn<256>(o, desc_p + 2 * k, desc_v + 128 * k, 1);
       wgmma_commit_group();
     };
 
-    // Online softmax of block n's S (after its wgmma completed): masks, exchanges row maxima with the
-    // other warpgroup, computes alpha (rescale of older blocks), P (packed bf16) and the row sums.
-    auto softmax = [&](int n) {
-      const int tok0 = (blk_begin + n) * kMlaPageSize + wg * 32 + quad_col;
-      float mx[2] = {-INFINITY, -INFINITY};
+    // Masks block n's raw scores (tokens at or past the row's limit -> -inf; the cache tail may be NaN)
+    // and returns their row maxima (reduced over the quad that shares a row).
+    auto mask_row_max = [&](int n, float (&mx)[2]) {
+      const int tok0 = (blk_begin + n) * kMlaPageSize;
+      if (tok0 + kMlaPageSize > lim_min) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
+          for (int h = 0; h < 2; ++h)
 #pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            float& v = s[4 * j + 2 * h + c];
-            v = (tok0 + 8 * j + c < lim[h]) ? v : -INFINITY;
-            mx[h] = fmaxf(mx[h], v);
-          }
-        }
+            for (int c = 0; c < 2; ++c) {
+              float& v = s[4 * j + 2 * h + c];
+              v = (tok0 + quad_col + 8 * j + c < lim[h]) ? v : -INFINITY;
+            }
       }
-      float* red = s_max + (n & 1) * 128;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
+        mx[h] = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) mx[h] = fmaxf(mx[h], fmaxf(s[4 * j + 2 * h], s[4 * j + 2 * h + 1]));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-        if (lane % 4 == 0) red[wg * 64 + r_lo + 8 * h] = mx[h];
       }
-      named_barrier_sync(kBarMax, kMathThreads);
-      float m_use[2];
+    };
+
+    // New running max from the old one (raw, may be -inf) and a block's raw row maxima; returns the
+    // rescale factor of everything accumulated so far and the offset the block's exponentials use.
+    auto update_max = [&](const float (&m_old)[2], const float (&mx)[2], float (&m_new)[2], float (&m_use)[2],
+                          float (&alpha)[2]) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int r = r_lo + 8 * h;
-        const float block_max = fmaxf(red[r], red[64 + r]) * p.scale_log2;  // -inf stays -inf
-        const float m_new = fmaxf(row_max[h], block_max);
-        m_use[h] = (m_new == -INFINITY) ? 0.0f : m_new;  // a row with nothing visible yet: no NaN
-        alpha[h] = ex2_approx(row_max[h] - m_use[h]);    // -inf - x -> 0
-        row_max[h] = m_new;
-        row_sum[h] *= alpha[h];
+        m_new[h] = fmaxf(m_old[h], mx[h] * p.scale_log2);  // -inf stays -inf
+        m_use[h] = (m_new[h] == -INFINITY) ? 0.0f : m_new[h];  // a row with nothing visible yet: no NaN
+        alpha[h] = ex2_approx(m_old[h] - m_use[h]);             // -inf - x -> 0
       }
+    };
+
+    // P = exp2(S * scale_log2 - m_use) in place (masked entries -> 0), packed to bf16 pairs in pk;
+    // returns the thread-partial row sums of the fp32 P.
+    auto exponentiate = [&](const float (&m_use)[2], float (&sum)[2]) {
+      sum[0] = sum[1] = 0.0f;
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float p0 = ex2_approx(fmaf(s[4 * j + 2 * h], p.scale_log2, -m_use[h]));
           const float p1 = ex2_approx(fmaf(s[4 * j + 2 * h + 1], p.scale_log2, -m_use[h]));
-          row_sum[h] += p0 + p1;
+          s[4 * j + 2 * h] = p0;
+          s[4 * j + 2 * h + 1] = p1;
+          sum[h] += p0 + p1;
           const __nv_bfloat162 pair = __floats2bfloat162_rn(p0, p1);
           pk[2 * j + h] = *reinterpret_cast<const uint32_t*>(&pair);
         }
-      }
     };
 
-    // Writes this warpgroup's 32 columns of P into the swizzled 64 x 64 tile (conflict-free: the 8 rows
-    // of a warp's store land in 8 different 16-byte chunks).
-    auto store_p = [&]() {
+    // Writes P (times `scale` per row when given) into the own buffer's chunk-8 slot as a 64 x 64 bf16
+    // K-major tile with the TMA 128-byte swizzle (conflict-free: a warp's 8 rows hit 8 different chunks).
+    auto store_p = [&](const float* scale) {
+      uint8_t* tile = own_buf + 8 * kChunkBytes;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = r_lo + 8 * h;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int chunk = (4 * wg + j) ^ (r & 7);
-          *reinterpret_cast<uint32_t*>(s_p + r * 128 + chunk * 16 + 4 * (lane % 4)) = pk[2 * j + h];
+        for (int j = 0; j < 8; ++j) {
+          uint32_t bits = pk[2 * j + h];
+          if (scale != nullptr) {
+            const __nv_bfloat162 pair = __floats2bfloat162_rn(s[4 * j + 2 * h] * scale[h], s[4 * j + 2 * h + 1] * scale[h]);
+            bits = *reinterpret_cast<const uint32_t*>(&pair);
+          }
+          *reinterpret_cast<uint32_t*>(tile + r * 128 + ((j ^ (r & 7)) * 16) + 4 * (lane % 4)) = bits;
         }
       }
-      fence_proxy_async_smem();  // generic-proxy stores -> visible to the wgmma (async proxy)
+      fence_proxy_async_smem();  // generic-proxy stores -> visible to the other warpgroup's wgmma
     };
 
-    auto release = [&](int st) {
+    // O *= f per row; skipped when no row of the warp changes (the usual case once the maxima settle).
+    auto rescale_o = [&](const float (&f)[2]) {
+      if (__any_sync(0xffffffffu, f[0] != 1.0f || f[1] != 1.0f)) {
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          o[4 * j + 0] *= f[0];
+          o[4 * j + 1] *= f[0];
+          o[4 * j + 2] *= f[1];
+          o[4 * j + 3] *= f[1];
+        }
+      }
+    };
+
+    // Zeroes tokens >= seqlen of block n in this warpgroup's V half of `buf` before its P V reads them
+    // (0 * NaN = NaN inside the wgmma). Only this warpgroup reads that half from now on.
+    auto zero_v_tail = [&](int n, uint8_t* buf) {
+      const int valid = seqlen - (blk_begin + n) * kMlaPageSize;
+      if (valid < kMlaPageSize) {  // uniform across the warpgroup
+        const int per_chunk = (kMlaPageSize - valid) * 8;  // 16-byte pieces per chunk
+        uint8_t* base = buf + 4 * wg * kChunkBytes;
+        for (int idx = wtid; idx < 4 * per_chunk; idx += 128) {
+          const int c = idx / per_chunk, rem = idx % per_chunk;
+          *reinterpret_cast<uint4*>(base + c * kChunkBytes + (valid + rem / 8) * 128 + (rem % 8) * 16) =
+              make_uint4(0, 0, 0, 0);
+        }
+        fence_proxy_async_smem();
+        if (wg == 0)
+          named_barrier_sync(kBarZero, 128);
+        else
+          named_barrier_sync(kBarZero + 1, 128);
+      }
+    };
+
+    auto release = [&](uint64_t* bar) {
       __syncwarp();
-      if (lane == 0) mbarrier_arrive(&empty[st]);
+      if (lane == 0) mbarrier_arrive(bar);
+    };
+
+    // wgmma.fence with the registers a P V reads pinned before it (otherwise the compiler may schedule
+    // their last writes after the fence, and ptxas then serializes the wgmma).
+    auto fence_for_pv = [&]() {
+      fence_registers(o);
+      fence_registers_b32(pk);
+      wgmma_fence();
     };
 
     if (num_blocks > 0) {
       mbarrier_wait(q_bar, 0);
-      int st = 0;
-      uint32_t phase = 0;
-      // Block 0: S, softmax, P.
-      mbarrier_wait(&full[st], phase);
-      zero_tail(0, st);
-      issue_s(st);
-      wgmma_wait_group<0>();
-      fence_registers(s);
-      softmax(0);
-      store_p();
-      named_barrier_sync(kBarPFull, kMathThreads);
-
-      // Steady state: block n's P V overlaps block n+1's softmax. No data-dependent wgmma waits inside.
-      for (int n = 0; n + 1 < num_blocks; ++n) {
-        const int next = st + 1 == kStages ? 0 : st + 1;
-        const uint32_t next_phase = next == 0 ? phase ^ 1 : phase;
-        mbarrier_wait(&full[next], next_phase);
-        zero_tail(n + 1, next);
-        issue_s(next);
-        issue_pv(st);
-        wgmma_wait_group<1>();  // S(n+1) done; P V(n) may still run
-        fence_registers(s);
-        softmax(n + 1);
-        wgmma_wait_group<0>();  // P V(n) done: the stage and the P tile are free on this side
-        fence_registers(o);
-        release(st);
+      if (wg == 0 || num_blocks > 1) issue_s(0);
+      // Pair k: block a = 2k in buffer 0 (WG 0), block a + 1 in buffer 1 (WG 1) when it exists.
+      for (int k = 0;; ++k) {
+        const int a = 2 * k;
+        const bool has_b = a + 1 < num_blocks;
+        const uint32_t phase = k & 1;
+        if (wg == 0) {
+          wgmma_wait_group<0>();  // this block's S (and, from the second pair on, the last P V)
+          fence_registers(s);
+          fence_registers(o);
+          float mx[2], m_new[2], m_use[2], alpha[2], sum[2];
+          mask_row_max(a, mx);
+          update_max(row_max, mx, m_new, m_use, alpha);
 #pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          o[4 * j + 0] *= alpha[0];
-          o[4 * j + 1] *= alpha[0];
-          o[4 * j + 2] *= alpha[1];
-          o[4 * j + 3] *= alpha[1];
+          for (int h = 0; h < 2; ++h) {
+            row_max[h] = m_new[h];
+            if (lane % 4 == 0) {
+              s_max_a[r_lo + 8 * h] = m_new[h];
+              s_scale_a[r_lo + 8 * h] = alpha[h];
+            }
+          }
+          named_barrier_arrive(kBarMaxA, kMathThreads);
+          exponentiate(m_use, sum);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) row_sum[h] = row_sum[h] * alpha[h] + sum[h];
+          rescale_o(alpha);
+          zero_v_tail(a, own_buf);
+          fence_for_pv();
+          issue_pv_own();
+          // The copy for WG 1 is rescaled to the max after the odd block (WG 1 adds it to O rescaled so).
+          float alpha_b[2] = {1.0f, 1.0f};
+          if (has_b) {
+            named_barrier_sync(kBarMaxB, kMathThreads);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              alpha_b[h] = s_scale_b[r_lo + 8 * h];
+              row_max[h] = s_max_b[r_lo + 8 * h];
+            }
+          }
+          // The P slot's previous reader (WG 1's P V of block a - 2) completed before buffer 0 was
+          // refilled for this block's S, so it is free: no hand-off needed.
+          store_p(alpha_b);
+          named_barrier_arrive(kBarPA, kMathThreads);
+          wgmma_wait_group<0>();
+          fence_registers(o);
+          fence_registers_b32(pk);
+          release(&empty[0]);  // buffer 0, chunks 0-3: WG 0's S and P V were their last readers
+          if (has_b) {
+            rescale_o(alpha_b);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) row_sum[h] *= alpha_b[h];
+            named_barrier_sync(kBarPB, kMathThreads);
+            zero_v_tail(a + 1, other_buf);
+            fence_for_pv();
+            issue_pv_other();
+            if (a + 2 < num_blocks) {
+              // Queue the next S's first half (its chunks were released after this pair's first P V)
+              // behind this P V, so the tensor cores go on without a gap; then free buffer 1.
+              issue_s_first(phase ^ 1);
+              wgmma_wait_group<1>();
+              release(&empty[3]);  // buffer 1, chunks 0-3 and 8 (the P tile WG 1 wrote)
+              issue_s_second(phase ^ 1);
+              continue;
+            }
+            wgmma_wait_group<0>();
+            fence_registers(o);
+            release(&empty[3]);
+          }
+          if (a + 2 >= num_blocks) break;
+          issue_s(phase ^ 1);
+        } else {
+          float mx[2] = {-INFINITY, -INFINITY}, m_new[2], m_use[2], alpha_b[2], sum[2];
+          // Unconditional wait (a no-op without an S in flight): under `if (has_b)` ptxas sees a path
+          // on which the S of WG 0's branch is still in flight here and serializes every wgmma.
+          wgmma_wait_group<0>();
+          fence_registers(s);
+          if (has_b) mask_row_max(a + 1, mx);
+          named_barrier_sync(kBarMaxA, kMathThreads);
+          float m_a[2], alpha_ab[2];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            m_a[h] = s_max_a[r_lo + 8 * h];
+            alpha_ab[h] = s_scale_a[r_lo + 8 * h];
+          }
+          if (has_b) {
+            update_max(m_a, mx, m_new, m_use, alpha_b);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              row_max[h] = m_new[h];
+              if (lane % 4 == 0) {
+                s_max_b[r_lo + 8 * h] = m_new[h];
+                s_scale_b[r_lo + 8 * h] = alpha_b[h];
+              }
+            }
+            named_barrier_arrive(kBarMaxB, kMathThreads);
+            exponentiate(m_use, sum);
+            store_p(nullptr);  // slot free: as for WG 0's store_p
+            named_barrier_arrive(kBarPB, kMathThreads);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              alpha_ab[h] *= alpha_b[h];
+              row_sum[h] = row_sum[h] * alpha_ab[h] + sum[h];
+            }
+          } else {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              row_max[h] = m_a[h];
+              row_sum[h] *= alpha_ab[h];
+            }
+          }
+          rescale_o(alpha_ab);
+          zero_v_tail(a, other_buf);
+          if (has_b) zero_v_tail(a + 1, own_buf);
+          named_barrier_sync(kBarPA, kMathThreads);
+          // The even block's P V first: its completion frees buffer 0's second group, which the next S
+          // of WG 0 waits for; then the odd block's from registers.
+          if (has_b) {
+            fence_for_pv();
+            issue_pv_other();
+            issue_pv_own();
+            wgmma_wait_group<1>();
+            release(&empty[1]);  // buffer 0, chunks 4-8 (the P tile WG 0 wrote)
+            wgmma_wait_group<0>();
+            fence_registers(o);
+            fence_registers_b32(pk);
+            release(&empty[2]);  // buffer 1, chunks 4-7
+          } else {
+            fence_for_pv();
+            issue_pv_other();
+            wgmma_wait_group<0>();
+            fence_registers(o);
+            release(&empty[1]);
+          }
+          if (a + 2 >= num_blocks) break;
+          if (a + 3 < num_blocks) issue_s(phase ^ 1);
         }
-        named_barrier_sync(kBarPFree, kMathThreads);
-        store_p();
-        named_barrier_sync(kBarPFull, kMathThreads);
-        st = next;
-        phase = next_phase;
       }
-      issue_pv(st);
-      wgmma_wait_group<0>();
-      fence_registers(o);
-      release(st);
     }
 
     // ---------------- epilogue ----------------
+    // Both warpgroups end with the same running max; the row sums of their own blocks add up.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
       row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
       if (lane % 4 == 0) s_sum[wg * 64 + r_lo + 8 * h] = row_sum[h];
     }
-    named_barrier_sync(kBarMax, kMathThreads);
+    named_barrier_sync(kBarSum, kMathThreads);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = r_lo + 8 * h;
@@ -363,13 +552,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 // One warp per (batch, row): merges the batch's items. Lane l owns dims 4(l + 32k) .. +3, k = 0..3.
 __global__ void __launch_bounds__(128)
     mla_combine_kernel(const float* __restrict__ o_partial, const float* __restrict__ lse_partial,
-                       const int* __restrict__ item_offsets, int B, int rows, int H, int s_q,
-                       __nv_bfloat16* __restrict__ out, float* __restrict__ lse) {
+                       const int* __restrict__ item_offsets, const int* __restrict__ bad, int B, int rows, int H,
+                       int s_q, __nv_bfloat16* __restrict__ out, float* __restrict__ lse) {
   const int task = blockIdx.x * 4 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (task >= B * rows) return;
   const int b = task / rows, row = task % rows;
   const int i0 = item_offsets[b], i1 = item_offsets[b + 1];
+  const bool poisoned = bad != nullptr && bad[b] != 0;
 
   float m = -INFINITY;
   for (int it = i0 + lane; it < i1; it += 32) m = fmaxf(m, lse_partial[static_cast<size_t>(it) * rows + row]);
@@ -404,6 +594,7 @@ __global__ void __launch_bounds__(128)
   __nv_bfloat16* dst = out + (static_cast<size_t>(b) * rows + row) * kMlaDimV;
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
+    if (poisoned) acc[k] = make_float4(NAN, NAN, NAN, NAN);
     const __nv_bfloat162 lo = __floats2bfloat162_rn(acc[k].x, acc[k].y);
     const __nv_bfloat162 hi = __floats2bfloat162_rn(acc[k].z, acc[k].w);
     uint2 packed;
@@ -413,7 +604,92 @@ __global__ void __launch_bounds__(128)
   }
   if (lane == 0) {
     const int i = row / H, h = row % H;
-    lse[(static_cast<size_t>(b) * H + h) * s_q + i] = m == -INFINITY ? -INFINITY : m + logf(sum);
+    lse[(static_cast<size_t>(b) * H + h) * s_q + i] = poisoned ? NAN : m == -INFINITY ? -INFINITY : m + logf(sum);
+  }
+}
+
+constexpr int kScheduleThreads = 512;
+constexpr int kScheduleWarps = kScheduleThreads / 32;
+
+// Exclusive prefix sum over the threads of a kScheduleThreads CTA: the thread's offset and the total.
+struct ScanResult {
+  int64_t before, total;
+};
+__device__ ScanResult cta_exclusive_scan(int64_t v) {
+  __shared__ int64_t warp_sums[kScheduleWarps];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int64_t x = v;  // inclusive scan within the warp
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const int64_t y = __shfl_up_sync(0xffffffffu, x, off);
+    if (lane >= off) x += y;
+  }
+  if (lane == 31) warp_sums[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    int64_t w = lane < kScheduleWarps ? warp_sums[lane] : 0;
+#pragma unroll
+    for (int off = 1; off < 32; off *= 2) {
+      const int64_t y = __shfl_up_sync(0xffffffffu, w, off);
+      if (lane >= off) w += y;
+    }
+    if (lane < kScheduleWarps) warp_sums[lane] = w;  // inclusive over warps
+  }
+  __syncthreads();
+  const ScanResult r{(warp > 0 ? warp_sums[warp - 1] : 0) + x - v, warp_sums[kScheduleWarps - 1]};
+  __syncthreads();  // warp_sums is reused by the next call
+  return r;
+}
+
+// The work list in one CTA (see mla_decode_schedule in the header): thread t owns the contiguous batches
+// [t * per, (t + 1) * per), so two CTA-wide scans (blocks, then items) give every batch its offsets; one
+// warp per batch checks its block-table entries.
+__global__ void __launch_bounds__(kScheduleThreads)
+    mla_schedule_kernel(const int* __restrict__ cache_seqlens, const int* __restrict__ block_table, int bt_stride,
+                        int B, int max_pages, int num_pages, int s_q, int num_parts, int* __restrict__ items,
+                        int* __restrict__ item_offsets, int* __restrict__ bad) {
+  const int per = (B + kScheduleThreads - 1) / kScheduleThreads;
+  const int b0 = min(B, int(threadIdx.x) * per), b1 = min(B, b0 + per);
+  auto blocks_of = [&](int b) {
+    const int64_t blocks = (int64_t(cache_seqlens[b]) + kMlaPageSize - 1) / kMlaPageSize;
+    return blocks < 0 ? 0 : blocks > max_pages ? max_pages : int(blocks);
+  };
+  int64_t my_blocks = 0;
+  for (int b = b0; b < b1; ++b) my_blocks += blocks_of(b);
+  const int64_t total_blocks = cta_exclusive_scan(my_blocks).total;
+  const int64_t quota = total_blocks > num_parts ? (total_blocks + num_parts - 1) / num_parts : 1;
+  auto items_of = [&](int blocks) { return blocks > quota ? int((blocks + quota - 1) / quota) : 1; };
+  int64_t my_items = 0;
+  for (int b = b0; b < b1; ++b) my_items += items_of(blocks_of(b));
+  const ScanResult item_scan = cta_exclusive_scan(my_items);
+  const int64_t total_items = item_scan.total;
+  int slot = int(item_scan.before);
+  for (int b = b0; b < b1; ++b) {
+    const int blocks = blocks_of(b), n = items_of(blocks), chunk = (blocks + n - 1) / n;
+    item_offsets[b] = slot;
+    for (int j = 0; j < n; ++j, ++slot) {
+      items[3 * slot] = b;
+      items[3 * slot + 1] = min(j * chunk, blocks);
+      items[3 * slot + 2] = min((j + 1) * chunk, blocks);
+    }
+  }
+  if (threadIdx.x == 0) item_offsets[B] = int(total_items);
+  for (int s = int(total_items) + threadIdx.x; s < num_parts + B; s += kScheduleThreads) {
+    items[3 * s] = -1;
+    items[3 * s + 1] = 0;
+    items[3 * s + 2] = 0;
+  }
+  const int lane = threadIdx.x % 32;
+  for (int b = threadIdx.x / 32; b < B; b += kScheduleWarps) {
+    const int64_t L = cache_seqlens[b];
+    const int blocks = blocks_of(b);
+    bool out_of_range = false;
+    for (int k = lane; k < blocks; k += 32) {
+      const int page = block_table[int64_t(b) * bt_stride + k];
+      out_of_range |= page < 0 || page >= num_pages;
+    }
+    out_of_range = __any_sync(0xffffffffu, out_of_range);
+    if (lane == 0) bad[b] = out_of_range || L > int64_t(max_pages) * kMlaPageSize || L < s_q;
   }
 }
 
@@ -480,8 +756,8 @@ cudaError_t mla_decode_split(const void* q, const void* cache, int num_pages, in
   return cudaGetLastError();
 }
 
-cudaError_t mla_decode_combine(const float* o_partial, const float* lse_partial, const int* item_offsets, int B,
-                               int s_q, int H, void* out, float* lse, cudaStream_t stream) {
+cudaError_t mla_decode_combine(const float* o_partial, const float* lse_partial, const int* item_offsets,
+                               const int* bad, int B, int s_q, int H, void* out, float* lse, cudaStream_t stream) {
   if (B < 1 || s_q < 1 || H < 1) return cudaErrorInvalidValue;
   if (o_partial == nullptr || lse_partial == nullptr || item_offsets == nullptr || out == nullptr || lse == nullptr)
     return cudaErrorInvalidValue;
@@ -490,8 +766,21 @@ cudaError_t mla_decode_combine(const float* o_partial, const float* lse_partial,
   const int64_t tasks = int64_t(B) * s_q * H;
   if (tasks > int64_t(0x7FFFFFFF)) return cudaErrorInvalidValue;
   const unsigned grid = unsigned((tasks + 3) / 4);
-  mla_combine_kernel<<<grid, 128, 0, stream>>>(o_partial, lse_partial, item_offsets, B, s_q * H, H, s_q,
+  mla_combine_kernel<<<grid, 128, 0, stream>>>(o_partial, lse_partial, item_offsets, bad, B, s_q * H, H, s_q,
                                                static_cast<__nv_bfloat16*>(out), lse);
+  return cudaGetLastError();
+}
+
+cudaError_t mla_decode_schedule(const int* cache_seqlens, const int* block_table, int bt_stride, int B,
+                                int max_pages, int num_pages, int s_q, int num_parts, int* items,
+                                int* item_offsets, int* bad, cudaStream_t stream) {
+  if (B < 1 || max_pages < 1 || num_pages < 1 || s_q < 1 || num_parts < 1 || bt_stride < 1) return cudaErrorInvalidValue;
+  if (cache_seqlens == nullptr || block_table == nullptr || items == nullptr || item_offsets == nullptr ||
+      bad == nullptr)
+    return cudaErrorInvalidValue;
+  if (int64_t(num_parts) + B > int64_t(0x7FFFFFFF) / 3) return cudaErrorInvalidValue;
+  mla_schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(cache_seqlens, block_table, bt_stride, B, max_pages,
+                                                          num_pages, s_q, num_parts, items, item_offsets, bad);
   return cudaGetLastError();
 }
 

@@ -7,7 +7,7 @@
 // over the visible tokens t: t < cache_seqlens[b] - s_q + i + 1 when causal, else t < cache_seqlens[b].
 //
 // Two passes. The split pass runs one CTA per (work item, 64 query rows); a work item is a range of
-// 64-token cache blocks of one batch, made by the Python scheduler (shared with the Triton backend).
+// 64-token cache blocks of one batch, made by mla_decode_schedule (or its torch twin in Python).
 // It writes per-item partial results; the combine pass merges the items of each batch.
 //
 // Plain C++ host API: no PyTorch, no pybind11. The caller (Python) checks every rule below and raises
@@ -64,9 +64,25 @@ cudaError_t mla_decode_split(const void* q, const void* cache, int num_pages, in
 //   item_offsets             int32 [B + 1], non-decreasing.
 //   out                      bf16 [B, s_q, H, 512], contiguous, 8-byte aligned.
 //   lse                      fp32 [B, H, s_q], contiguous.
+//   bad                      int32 [B] or nullptr: where bad[b] != 0 (the scheduler found the batch's block
+//                            table or length invalid), every out and lse of batch b is NaN.
 // A row that sees no token at all (possible only when cache_seqlens[b] < s_q under causal) gets out = 0
 // and lse = -inf.
-cudaError_t mla_decode_combine(const float* o_partial, const float* lse_partial, const int* item_offsets, int B,
-                               int s_q, int H, void* out, float* lse, cudaStream_t stream);
+cudaError_t mla_decode_combine(const float* o_partial, const float* lse_partial, const int* item_offsets,
+                               const int* bad, int B, int s_q, int H, void* out, float* lse, cudaStream_t stream);
+
+// The work list both passes read, computed on the device in one launch (no host sync, CUDA-graph safe);
+// the same integers as dskernels.mla.schedule (its torch-op specification):
+//   blocks[b] = clamp(ceil(cache_seqlens[b] / 64), 0, max_pages)
+//   quota     = max(1, ceil(sum(blocks) / num_parts));  n[b] = max(1, ceil(blocks[b] / quota)) items
+//   items     int32 [num_parts + B, 3]: batch b's items at item_offsets[b] + j, j < n[b], cover blocks
+//             [j * c, min((j + 1) * c, blocks[b])) with c = ceil(blocks[b] / n[b]); the rest are (-1, 0, 0)
+//   item_offsets int32 [B + 1] = exclusive prefix sum of n
+//   bad       int32 [B]: 1 where a needed block_table entry is outside [0, num_pages),
+//             cache_seqlens[b] > max_pages * 64 or cache_seqlens[b] < s_q; else 0
+// block_table int32 [B, max_pages] with row stride bt_stride. B, max_pages, num_pages, s_q, num_parts >= 1.
+cudaError_t mla_decode_schedule(const int* cache_seqlens, const int* block_table, int bt_stride, int B,
+                                int max_pages, int num_pages, int s_q, int num_parts, int* items,
+                                int* item_offsets, int* bad, cudaStream_t stream);
 
 }  // namespace dskernels

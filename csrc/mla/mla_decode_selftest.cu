@@ -1,11 +1,12 @@
 // Standalone check of mla_decode_split + mla_decode_combine against a naive reference kernel (one CTA
-// per (batch, query row), FP32 scores and softmax, FP32 P V; no bf16 rounding of P).
+// per (batch, query row), FP32 scores and softmax, FP32 P V; no bf16 rounding of P). Where a case uses
+// the scheduler's split, mla_decode_schedule's work list must equal the host's copy of that split.
 //
 // Build and run on an H100 (no PyTorch needed):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
 //        csrc/mla/mla_decode.cu csrc/mla/mla_decode_selftest.cu -o mla_decode_selftest
 //   ./mla_decode_selftest          # correctness: one line per case, exit 1 on any mismatch
-//   ./mla_decode_selftest bench    # DeepSeek-V3 decode shapes: time, GB/s, TFLOPS, fraction of roofline
+//   ./mla_decode_selftest bench    # bench/test_mla.py's shapes: time, TFLOPS, roofline fraction
 //
 // A case fails when max|out - ref| / max|ref| > 1.5e-2, when |lse - ref_lse| > 2e-3 * max(1, |ref_lse|)
 // (or -inf does not match), or when any output is NaN. The cache is filled with NaN everywhere except
@@ -125,9 +126,10 @@ struct Case {
   std::vector<int> seqlens;
   int s_q, H;
   bool causal;
-  int splits;         // items per batch (at most its block count)
+  int splits;         // items per batch (at most its block count); 0: dskernels.mla.schedule's split
   float scale;
   int page_pad;       // extra elements between pages
+  bool empty_items = false;  // one more item per batch, past its last block (yields lse = -inf, o = 0)
 };
 
 struct Problem {
@@ -138,7 +140,33 @@ struct Problem {
   float *o_part, *lse_part, *lse;
 };
 
-// Items: each batch's blocks split into `splits` near-equal ranges, then one unused slot.
+// mla_decode_schedule must give the host's split (items, offsets) and flag no batch.
+void check_schedule(const Case& c, const Problem& p, int num_parts, const std::vector<int>& items,
+                    const std::vector<int>& offsets) {
+  int *d_items, *d_offsets, *d_bad;
+  CHECK_CUDA(cudaMalloc(&d_items, items.size() * 4));
+  CHECK_CUDA(cudaMalloc(&d_offsets, offsets.size() * 4));
+  CHECK_CUDA(cudaMalloc(&d_bad, p.B * 4));
+  CHECK_CUDA(cudaMemset(d_items, 0xFF, items.size() * 4));
+  CHECK_CUDA(dskernels::mla_decode_schedule(p.seqlens, p.bt, p.bt_stride, p.B, p.bt_stride, p.num_pages, c.s_q,
+                                            num_parts, d_items, d_offsets, d_bad, nullptr));
+  std::vector<int> got_items(items.size()), got_offsets(offsets.size()), got_bad(p.B);
+  CHECK_CUDA(cudaMemcpy(got_items.data(), d_items, items.size() * 4, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(got_offsets.data(), d_offsets, offsets.size() * 4, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(got_bad.data(), d_bad, p.B * 4, cudaMemcpyDeviceToHost));
+  cudaFree(d_items);
+  cudaFree(d_offsets);
+  cudaFree(d_bad);
+  const bool ok = got_items == items && got_offsets == offsets &&
+                  std::all_of(got_bad.begin(), got_bad.end(), [](int x) { return x == 0; });
+  std::printf("%s mla_decode_schedule B=%d num_parts=%d slots=%zu\n", ok ? "PASS" : "FAIL", p.B, num_parts,
+              items.size() / 3);
+  if (!ok) std::exit(1);
+}
+
+// Items: each batch's blocks split into `splits` near-equal ranges, then one unused slot. With
+// splits = 0, the split of dskernels.mla.schedule for this GPU: num_parts = SMs / m-blocks, each batch
+// cut into ceil(blocks / quota) items of ceil(blocks / items) blocks, num_parts + B slots in all.
 Problem make_problem(const Case& c, std::mt19937& rng) {
   Problem p{};
   p.B = int(c.seqlens.size());
@@ -156,19 +184,30 @@ Problem make_problem(const Case& c, std::mt19937& rng) {
   std::iota(perm.begin(), perm.end(), 0);
   std::shuffle(perm.begin(), perm.end(), rng);
   std::vector<int> bt(size_t(p.B) * p.bt_stride, -1), items, offsets{0};
+  int num_parts = 0, quota = 0;
+  if (c.splits == 0) {
+    int device = 0, sms = 0;
+    CHECK_CUDA(cudaGetDevice(&device));
+    CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    num_parts = std::max(1, sms / ((p.rows + 63) / 64));
+    quota = std::max(1, (total_pages + num_parts - 1) / num_parts);
+  }
   int next = 0;
   for (int b = 0; b < p.B; ++b) {
     const int nb = (c.seqlens[b] + PAGE - 1) / PAGE;
     for (int k = 0; k < nb; ++k) bt[size_t(b) * p.bt_stride + k] = perm[next++];
-    const int parts = std::max(1, std::min(c.splits, nb));
+    const int parts = c.splits == 0 ? std::max(1, (nb + quota - 1) / quota) : std::max(1, std::min(c.splits, nb));
+    const int chunk = (nb + parts - 1) / parts;
     for (int s = 0; s < parts; ++s) {
       items.push_back(b);
-      items.push_back(nb * s / parts);
-      items.push_back(nb * (s + 1) / parts);
+      items.push_back(c.splits == 0 ? std::min(s * chunk, nb) : nb * s / parts);
+      items.push_back(c.splits == 0 ? std::min((s + 1) * chunk, nb) : nb * (s + 1) / parts);
     }
-    offsets.push_back(offsets.back() + parts);
+    if (c.empty_items) items.insert(items.end(), {b, nb, nb + 2});
+    offsets.push_back(offsets.back() + parts + (c.empty_items ? 1 : 0));
   }
-  items.insert(items.end(), {-1, 0, 0});
+  const int slots = c.splits == 0 ? num_parts + p.B : int(items.size() / 3) + 1;
+  while (int(items.size() / 3) < slots) items.insert(items.end(), {-1, 0, 0});
   p.max_items = int(items.size() / 3);
 
   const size_t q_elems = size_t(p.B) * p.rows * D;
@@ -187,6 +226,8 @@ Problem make_problem(const Case& c, std::mt19937& rng) {
   CHECK_CUDA(cudaMemcpy(p.seqlens, c.seqlens.data(), p.B * 4, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(p.items, items.data(), items.size() * 4, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(p.offsets, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
+
+  if (c.splits == 0) check_schedule(c, p, num_parts, items, offsets);
 
   const uint32_t seed = rng();
   fill_uniform<<<1024, 256>>>(p.q, q_elems, seed);
@@ -214,13 +255,13 @@ cudaError_t run(const Case& c, const Problem& p) {
                                                 p.seqlens, p.items, p.max_items, p.B, c.s_q, c.H, c.scale, c.causal,
                                                 p.o_part, p.lse_part, nullptr);
   if (err != cudaSuccess) return err;
-  return dskernels::mla_decode_combine(p.o_part, p.lse_part, p.offsets, p.B, c.s_q, c.H, p.out, p.lse, nullptr);
+  return dskernels::mla_decode_combine(p.o_part, p.lse_part, p.offsets, nullptr, p.B, c.s_q, c.H, p.out, p.lse,
+                                       nullptr);
 }
 
-bool check_case(const Case& c, std::mt19937& rng) {
+// Runs the case (outputs and workspaces poisoned with NaN) against the reference; returns 1 on failure.
+int check_case(const Case& c, std::mt19937& rng) {
   Problem p = make_problem(c, rng);
-  const cudaError_t err = run(c, p);
-  CHECK_CUDA(cudaDeviceSynchronize());
   const size_t n_out = size_t(p.B) * p.rows * DV, n_lse = size_t(p.B) * p.rows;
   float *ref_out, *ref_lse, *scratch;
   CHECK_CUDA(cudaMalloc(&ref_out, n_out * 4));
@@ -231,44 +272,52 @@ bool check_case(const Case& c, std::mt19937& rng) {
   CHECK_CUDA(cudaDeviceSynchronize());
   std::vector<__nv_bfloat16> out(n_out);
   std::vector<float> ro(n_out), lse(n_lse), rl(n_lse);
-  CHECK_CUDA(cudaMemcpy(out.data(), p.out, n_out * 2, cudaMemcpyDeviceToHost));
   CHECK_CUDA(cudaMemcpy(ro.data(), ref_out, n_out * 4, cudaMemcpyDeviceToHost));
-  CHECK_CUDA(cudaMemcpy(lse.data(), p.lse, n_lse * 4, cudaMemcpyDeviceToHost));
   CHECK_CUDA(cudaMemcpy(rl.data(), ref_lse, n_lse * 4, cudaMemcpyDeviceToHost));
-  double max_ref = 0.0, max_err = 0.0, max_lse_err = 0.0;
-  size_t nonfinite = 0, lse_bad = 0;
-  for (size_t i = 0; i < n_out; ++i) {
-    const double o = __bfloat162float(out[i]);
-    if (!std::isfinite(o)) { ++nonfinite; continue; }
-    max_ref = std::max(max_ref, std::fabs(double(ro[i])));
-    max_err = std::max(max_err, std::fabs(o - ro[i]));
-  }
-  for (size_t i = 0; i < n_lse; ++i) {
-    if (std::isinf(rl[i]) || std::isinf(lse[i])) {
-      if (!(std::isinf(rl[i]) && std::isinf(lse[i]) && rl[i] < 0 && lse[i] < 0)) ++lse_bad;
-      continue;
+  int failed = 0;
+  {
+    const cudaError_t err = run(c, p);
+    CHECK_CUDA(cudaDeviceSynchronize());
+    CHECK_CUDA(cudaMemcpy(out.data(), p.out, n_out * 2, cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaMemcpy(lse.data(), p.lse, n_lse * 4, cudaMemcpyDeviceToHost));
+    double max_ref = 0.0, max_err = 0.0, max_lse_err = 0.0;
+    size_t nonfinite = 0, lse_bad = 0;
+    for (size_t i = 0; i < n_out; ++i) {
+      const double o = __bfloat162float(out[i]);
+      if (!std::isfinite(o)) { ++nonfinite; continue; }
+      max_ref = std::max(max_ref, std::fabs(double(ro[i])));
+      max_err = std::max(max_err, std::fabs(o - ro[i]));
     }
-    if (std::isnan(lse[i])) { ++lse_bad; continue; }
-    const double e = std::fabs(double(lse[i]) - rl[i]);
-    max_lse_err = std::max(max_lse_err, e);
-    if (e > 2e-3 * std::max(1.0, std::fabs(double(rl[i])))) ++lse_bad;
+    for (size_t i = 0; i < n_lse; ++i) {
+      if (std::isinf(rl[i]) || std::isinf(lse[i])) {
+        if (!(std::isinf(rl[i]) && std::isinf(lse[i]) && rl[i] < 0 && lse[i] < 0)) ++lse_bad;
+        continue;
+      }
+      if (std::isnan(lse[i])) { ++lse_bad; continue; }
+      const double e = std::fabs(double(lse[i]) - rl[i]);
+      max_lse_err = std::max(max_lse_err, e);
+      if (e > 2e-3 * std::max(1.0, std::fabs(double(rl[i])))) ++lse_bad;
+    }
+    const double rel = max_err / std::max(max_ref, 1e-20);
+    const bool ok = err == cudaSuccess && nonfinite == 0 && lse_bad == 0 && rel <= 1.5e-2;
+    failed += !ok;
+    std::printf("%s B=%d s_q=%d H=%d causal=%d splits=%d%s scale=%.3f pad=%d seqlens=[", ok ? "PASS" : "FAIL", p.B, c.s_q, c.H, int(c.causal), c.splits, c.empty_items ? "+empty" : "", c.scale,
+                c.page_pad);
+    for (size_t i = 0; i < c.seqlens.size(); ++i) std::printf(i ? ",%d" : "%d", c.seqlens[i]);
+    std::printf("] rel_err=%.3e lse_err=%.3e nonfinite=%zu lse_bad=%zu%s%s\n", rel, max_lse_err, nonfinite, lse_bad,
+                err == cudaSuccess ? "" : " launch: ", err == cudaSuccess ? "" : cudaGetErrorString(err));
   }
-  const double rel = max_err / std::max(max_ref, 1e-20);
-  const bool ok = err == cudaSuccess && nonfinite == 0 && lse_bad == 0 && rel <= 1.5e-2;
-  std::printf("%s B=%d s_q=%d H=%d causal=%d splits=%d scale=%.3f pad=%d seqlens=[", ok ? "PASS" : "FAIL", p.B, c.s_q,
-              c.H, int(c.causal), c.splits, c.scale, c.page_pad);
-  for (size_t i = 0; i < c.seqlens.size(); ++i) std::printf(i ? ",%d" : "%d", c.seqlens[i]);
-  std::printf("] rel_err=%.3e lse_err=%.3e nonfinite=%zu lse_bad=%zu%s%s\n", rel, max_lse_err, nonfinite, lse_bad,
-              err == cudaSuccess ? "" : " launch: ", err == cudaSuccess ? "" : cudaGetErrorString(err));
   cudaFree(ref_out);
   cudaFree(ref_lse);
   cudaFree(scratch);
   free_problem(p);
-  return ok;
+  return failed;
 }
 
 int correctness() {
   const float s = 1.0f / std::sqrt(float(D));
+  // Per item the seesaw kernel pairs blocks (even: warpgroup 0, odd: warpgroup 1): the cases cover
+  // items of 0, 1, 2, odd and even block counts and a partial last block at either parity.
   const std::vector<Case> cases = {
       {{1, 100}, 1, 16, false, 1, s, 0},
       {{64, 65, 128, 129}, 1, 16, false, 1, s, 0},
@@ -282,52 +331,75 @@ int correctness() {
       {{1000, 333}, 2, 40, true, 3, s, 0},         // rows = 80: second m-block half padded
       {{2048, 100}, 2, 64, false, 5, 0.3f, 64},    // non-causal s_q = 2
       {{8192}, 1, 32, true, 16, s, 0},
+      // 16 blocks with the partial one odd, 17 with it even, one full block; plus an empty item each
+      {{1000, 1025, 64}, 1, 128, true, 1, s, 0, true},
+      // items of 1 block (130, 190) and of 21 blocks with the partial one last and even (4000); 4 m-blocks
+      {{130, 190, 4000}, 2, 128, true, 3, s, 0},
+      // the scheduler's split (device work list checked against the host's) on a ragged batch, 1 to 16k
+      {{1, 100, 5000, 64, 65, 16384}, 1, 128, true, 0, s, 0},
   };
   std::mt19937 rng(1234);
   int failures = 0;
-  for (const Case& c : cases) failures += !check_case(c, rng);
+  for (const Case& c : cases) failures += check_case(c, rng);
   std::printf("%s: %d of %zu cases failed\n", failures ? "FAILED" : "ALL PASSED", failures, cases.size());
   return failures ? 1 : 0;
 }
 
+// bench/test_mla.py's shapes (B, cache length, heads, s_q), causal, with the scheduler's item split.
+// Each sample flushes L2 (256 MB written) and times split + combine alone with events (no scheduler, no
+// Python); the median of 30 is reported. Roofline as in bench/: max(bytes / copy, FLOPs / bf16) with the
+// copy (3.0 TB/s) and bf16 (755 TFLOPS) ceilings measured on this workplace's H100 (DESIGN.md).
 int bench() {
-  int device = 0, num_sms = 0;
-  CHECK_CUDA(cudaGetDevice(&device));
-  CHECK_CUDA(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
   std::mt19937 rng(7);
   const float s = 1.0f / std::sqrt(float(D));
-  for (int B : {64, 128})
-    for (int seq : {1024, 4096, 8192, 16384})
-      for (int H : {16, 64, 128})
-        for (int s_q : {1, 2}) {
-          const int m_blocks = (s_q * H + 63) / 64;
-          // Enough items per batch for about two CTAs per SM, at least 4 blocks each.
-          const int nb = (seq + PAGE - 1) / PAGE;
-          const int splits = std::max(1, std::min(nb / 4, (2 * num_sms + B * m_blocks - 1) / (B * m_blocks)));
-          Case c{std::vector<int>(B, seq), s_q, H, true, splits, s, 0};
-          Problem p = make_problem(c, rng);
-          cudaEvent_t e0, e1;
-          cudaEventCreate(&e0);
-          cudaEventCreate(&e1);
-          CHECK_CUDA(run(c, p));
-          CHECK_CUDA(cudaDeviceSynchronize());
-          const int reps = 20;
-          cudaEventRecord(e0);
-          for (int r = 0; r < reps; ++r) run(c, p);
-          cudaEventRecord(e1);
-          CHECK_CUDA(cudaEventSynchronize(e1));
-          float ms = 0.0f;
-          cudaEventElapsedTime(&ms, e0, e1);
-          const double t = ms / 1e3 / reps;
-          const double bytes = double(B) * seq * D * 2 + double(B) * s_q * H * (D + DV) * 2;
-          const double flops = 2.0 * B * s_q * H * double(seq) * (D + DV);
-          const double roof = std::max(bytes / 3.0e12, flops / 755e12);
-          std::printf("B=%d seq=%d H=%d s_q=%d splits=%d: %.1f us, %.0f GB/s, %.0f TFLOPS, %.2f of roofline\n", B, seq,
-                      H, s_q, splits, t * 1e6, bytes / t / 1e9, flops / t / 1e12, roof / t);
-          cudaEventDestroy(e0);
-          cudaEventDestroy(e1);
-          free_problem(p);
-        }
+  const int shapes[][4] = {{64, 4096, 128, 1},  {128, 8192, 128, 1}, {128, 16384, 128, 1}, {128, 8192, 16, 1},
+                           {64, 8192, 128, 2},  {128, 4096, 64, 1},  {32, 16384, 128, 1},  {64, 1024, 16, 1}};
+  void* flush = nullptr;
+  const size_t flush_bytes = size_t(256) << 20;
+  CHECK_CUDA(cudaMalloc(&flush, flush_bytes));
+  cudaEvent_t e0, e1, e2;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  CHECK_CUDA(cudaEventCreate(&e2));
+  for (const auto& shape : shapes) {
+    const int B = shape[0], seq = shape[1], H = shape[2], s_q = shape[3];
+    Case c{std::vector<int>(B, seq), s_q, H, true, 0, s, 0};
+    Problem p = make_problem(c, rng);
+    const double bytes = double(B) * seq * D * 2 + double(B) * s_q * H * (D + DV) * 2;
+    const double flops = 2.0 * B * s_q * H * double(seq) * (D + DV);
+    const double roof = std::max(bytes / 3.0e12, flops / 755e12);
+    CHECK_CUDA(run(c, p));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    std::vector<float> total, split;
+    for (int r = 0; r < 30; ++r) {
+      CHECK_CUDA(cudaMemsetAsync(flush, r, flush_bytes));
+      CHECK_CUDA(cudaEventRecord(e0));
+      CHECK_CUDA(dskernels::mla_decode_split(p.q, p.cache, p.num_pages, p.page_stride, p.bt, p.bt_stride, p.seqlens,
+                                             p.items, p.max_items, p.B, c.s_q, c.H, c.scale, c.causal, p.o_part,
+                                             p.lse_part, nullptr));
+      CHECK_CUDA(cudaEventRecord(e1));
+      CHECK_CUDA(dskernels::mla_decode_combine(p.o_part, p.lse_part, p.offsets, nullptr, p.B, c.s_q, c.H, p.out,
+                                               p.lse, nullptr));
+      CHECK_CUDA(cudaEventRecord(e2));
+      CHECK_CUDA(cudaEventSynchronize(e2));
+      float ms_split = 0.0f, ms_total = 0.0f;
+      CHECK_CUDA(cudaEventElapsedTime(&ms_split, e0, e1));
+      CHECK_CUDA(cudaEventElapsedTime(&ms_total, e0, e2));
+      split.push_back(ms_split);
+      total.push_back(ms_total);
+    }
+    std::sort(split.begin(), split.end());
+    std::sort(total.begin(), total.end());
+    const double t = total[total.size() / 2] / 1e3, t_split = split[split.size() / 2] / 1e3;
+    std::printf("B=%d L=%d H=%d s_q=%d items=%d: %7.1f us (split %7.1f us), %4.0f TFLOPS, %5.0f GB/s, "
+                "%.2f of roofline\n",
+                B, seq, H, s_q, p.max_items, t * 1e6, t_split * 1e6, flops / t / 1e12, bytes / t / 1e9, roof / t);
+    free_problem(p);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaEventDestroy(e2);
+  cudaFree(flush);
   return 0;
 }
 
