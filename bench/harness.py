@@ -127,7 +127,9 @@ def make_record(*, op, backend, shape, time_us, flops=0, bytes_moved=0, ceilings
         fraction = (gbps if bound == "copy_GBps" else tflops) / ceilings[bound]
     rec = {"op": op, "backend": backend, "shape": shape, "time_us": round(time_us, 3),
            "TFLOPS": round(tflops, 2), "GBps": round(gbps, 1), "bound": bound,
-           "fraction_of_ceiling": round(fraction, 4)}
+           "fraction_of_ceiling": round(fraction, 4),
+           # the same-run ceilings the fraction is of (a results file merges records of several runs)
+           "ceilings": {k: round(ceilings[k], 1) for k in ("copy_GBps", "bf16_TFLOPS", "fp8_TFLOPS")}}
     if peer is not None:
         rec.update(peer=peer, peer_us=round(peer_us, 3), speedup_vs_peer=round(peer_us / time_us, 3))
     rec.update(extra or {})

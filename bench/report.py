@@ -24,7 +24,7 @@ ANCHORS = [("DeepGEMM", "deepgemm_tflops", lambda r, tflops: r["TFLOPS"] / tflop
 def tables(data: dict) -> str:
     meta, ceil = data["meta"], data["ceilings"] or {}
     lines = [f"{meta['gpu']} (driver {meta.get('driver', '?')}, torch {meta['torch']}, triton "
-             f"{meta['triton']}); ceilings measured in the same run: copy {ceil.get('copy_GBps', 0):.0f} GB/s, "
+             f"{meta['triton']}); ceilings of the latest run (each record keeps its own run's): copy {ceil.get('copy_GBps', 0):.0f} GB/s, "
              f"bf16 {ceil.get('bf16_TFLOPS', 0):.0f} TFLOPS, fp8 {ceil.get('fp8_TFLOPS', 0):.0f} TFLOPS", ""]
     by_op = defaultdict(list)
     for r in data["records"]:

@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
 # Nsight Compute evidence for the benchmark gaps, on a GPU machine, after ci/gpu.sh built the
-# extension: per kernel, the speed-of-light figures, pipe utilization (the tensor pipes included),
-# occupancy and warp stall reasons. Sections rather than raw metric names, whose spelling changes
-# between ncu versions (sm__pipe_tensor_op_gmma_cycles_active read n/a on the H100's ncu).
-#   ci/profile.sh RESULTS_DIR
+# extension: per profiled kernel (bench/profile_targets.py), its duration, tensor-pipe activity, DRAM
+# and SM throughput, and the top warp-stall reasons. Metrics by regex, as these names read on the
+# H100's ncu (2026-11-27): sm__pipe_tensor_op_gmma_cycles_active reads n/a there, while
+# sm__pipe_tensor_cycles_active counts the wgmma (HGMMA/QGMMA) cycles.
+#   ci/profile.sh RESULTS_DIR [KERNEL_REGEX]   (default: the CUDA and Triton GEMM and MLA kernels)
 set -uo pipefail
-out=${1:?usage: ci/profile.sh RESULTS_DIR}
+out=${1:?usage: ci/profile.sh RESULTS_DIR [KERNEL_REGEX]}
+kernels=${2:-fp8_gemm|mla_split|quant}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
-ncu --clock-control none --nvtx --nvtx-include 'profile/' --csv -k regex:'fp8_gemm|mla|quant' \
-  --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section WarpStateStats \
+ncu --clock-control none --nvtx --nvtx-include 'profile/' --csv -k "regex:$kernels" \
+  --metrics 'regex:sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active$,regex:smsp__warp_issue_stalled_.*_per_warp_active.pct$,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum' \
   python3 -m bench.profile_targets >"$out/ncu.csv" 2>"$out/ncu.log"
 python3 - "$out/ncu.csv" <<'PY' | tee "$out/ncu.txt"
 import csv, sys
+from collections import defaultdict
 rows = list(csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"')))
-keep = ("Duration", "Compute (SM) Throughput", "Memory Throughput", "DRAM Throughput", "Achieved Occupancy",
-        "Registers Per Thread", "Executed Ipc Active", "Warp Cycles Per Issued Instruction")
+metrics, names = defaultdict(dict), {}
 for r in rows:
-    name = r["Metric Name"]
-    if name in keep or "Pipe" in r.get("Section Name", "") or "Tensor" in name:
-        print(r["ID"].rjust(3), r["Kernel Name"][:56].ljust(56), name[:44].ljust(44), r["Metric Value"],
-              r.get("Metric Unit", ""))
+    metrics[r["ID"]][r["Metric Name"]] = float(r["Metric Value"].replace(",", "") or 0)
+    names[r["ID"]] = f'{r["Kernel Name"][:60]} grid {r.get("Grid Size", "?")}'
+for i, m in metrics.items():
+    stalls = sorted(((v, k.split("stalled_")[1].split("_per_warp")[0]) for k, v in m.items() if "stalled" in k),
+                    reverse=True)[:5]
+    print(f'{i:>3} {names[i]}\n    {m.get("gpu__time_duration.sum", 0) / 1e3:.1f} us, tensor pipe '
+          f'{m.get("sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active", 0):.1f} %, DRAM '
+          f'{m.get("dram__throughput.avg.pct_of_peak_sustained_elapsed", 0):.1f} %, SM '
+          f'{m.get("sm__throughput.avg.pct_of_peak_sustained_elapsed", 0):.1f} %; stalls (% of warp cycles): '
+          + ", ".join(f"{name} {v:.0f}" for v, name in stalls))
 PY

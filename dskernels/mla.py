@@ -11,7 +11,7 @@ q = cat([q_latent, q_pe], -1) is [B, s_q, H, 576] bf16; cache [num_pages, 64, 1,
 block_table [B, max_pages] int32; cache_seqlens [B] int32 counts the cached tokens including the
 s_q query tokens (append them first). The math is specified in dskernels.reference.mla.
 
-Work is split flash-decoding style: the scheduler cuts every sequence into items of at most `quota`
+Work is split flash-decoding style: the scheduler cuts every sequence into items of about `quota`
 64-token blocks so that all items together fill the GPU about evenly, whatever the mix of lengths,
 and a combine step merges each batch's items by log-sum-exp. The work list depends only on the
 lengths, the block table and the head count, so, as FlashMLA's get_mla_metadata, it is computed once
@@ -35,18 +35,27 @@ from dskernels.reference.mla import (CACHE_DIM, FP8_CACHE_BYTES, KV_LORA_RANK, P
 
 MIN_CAPABILITY = (8, 0)
 IMPLEMENTED = ("reference", "triton", "cuda")
-# CUDA reads only the bf16 cache. Under "auto" it runs wherever it was measured faster (H100,
-# 2026-11-23): 1.1-1.4x Triton from 32 query rows (heads x s_q) per sequence up; Triton is 5-8 %
-# faster with 16 rows (B=128, L=8k, H=16: 527 vs 572 us) and is the only kernel for the FP8 cache.
-CUDA_MIN_ROWS = 32
+# CUDA reads only the bf16 cache; where it runs, "auto" takes it: on an H100 (2026-11-27) it was as fast
+# as Triton or faster on every benchmark shape (1.1x at 16 heads, 2.2x at 128), and Triton is the
+# only kernel for the FP8 cache.
 
 
-def _auto_order(q: torch.Tensor, cache: torch.Tensor) -> tuple:
+# The split kernel is Hopper-only (wgmma, TMA); Triton's runs from sm_80.
+CUDA_MIN_CAPABILITY = (9, 0)
+
+
+def _cuda_unsupported(cache: torch.Tensor) -> str | None:
     if cache.dtype == torch.uint8:
-        return ("triton",)
-    if q.shape[1] * q.shape[2] < CUDA_MIN_ROWS:
-        return ("triton", "cuda")
-    return ("cuda", "triton")
+        return "backend='cuda' reads the bf16 cache only; the FP8 cache (uint8, 656 bytes per token) runs on " \
+               "backend='triton' or 'reference'"
+    if cache.device.type == "cuda" and torch.cuda.get_device_capability(cache.device) < CUDA_MIN_CAPABILITY:
+        return "backend='cuda' needs a Hopper GPU (compute capability 9.x) for mla_decode; use 'triton'"
+    return None
+
+
+def _auto_order(cache: torch.Tensor) -> tuple:
+    return ("triton",) if _cuda_unsupported(cache) else ("cuda", "triton")
+
 
 __all__ = ["absorb_query", "absorb_output", "softmax_scale", "append_to_cache", "get_mla_metadata", "mla_decode",
            "schedule", "MlaMetadata"]
@@ -65,6 +74,11 @@ def schedule(cache_seqlens: torch.Tensor, block_table: torch.Tensor, num_pages: 
              num_parts: int):
     """Split the batch into at most num_parts + B work items of whole 64-token blocks.
 
+    quota = ceil(total blocks / num_parts); a sequence gets round(blocks / quota) items (at least 1)
+    of near-equal length. Rounding rather than ceil lets an item hold up to 1.5 x quota but keeps
+    uniform batches in whole waves: B = 32, L = 16k, 128 heads gets 2 items of 128 blocks per
+    sequence (128 CTAs, one wave on 132 SMs) instead of 3 of 86 (192 CTAs, 1.45 waves).
+
     Returns items [num_parts + B, 3] int32 (batch, first block, end block; batch -1 for unused
     slots), item_offsets [B + 1] int32 (batch b owns items item_offsets[b]..item_offsets[b+1]-1) and
     bad [B] int32 (1 where the block table or length is invalid: that batch's output becomes NaN).
@@ -74,7 +88,7 @@ def schedule(cache_seqlens: torch.Tensor, block_table: torch.Tensor, num_pages: 
     L = cache_seqlens.long()
     blocks = ((L + PAGE_SIZE - 1) // PAGE_SIZE).clamp(0, max_pages)                     # [B]
     quota = ((blocks.sum() + num_parts - 1) // num_parts).clamp(min=1)
-    n = ((blocks + quota - 1) // quota).clamp(min=1)                                    # items per batch
+    n = ((blocks + quota // 2) // quota).clamp(min=1)                                  # items per batch
     offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), n.cumsum(0)])   # [B + 1]
     slot = torch.arange(num_parts + B, device=dev)
     b = torch.searchsorted(offsets[1:], slot, right=True)                              # batch of a slot
@@ -264,10 +278,9 @@ def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale: float, causa
     _check_cache(cache, block_table, cache_seqlens, B)
     if cache.device != q.device:
         raise ValueError(f"cache must be on {q.device} (like q), got {cache.device}")
-    name = _backend.resolve(backend, q.device, MIN_CAPABILITY, IMPLEMENTED, _auto_order(q, cache))
-    if name == "cuda" and cache.dtype == torch.uint8:
-        raise ValueError("backend='cuda' reads the bf16 cache only; the FP8 cache (uint8, 656 bytes per token) "
-                         "runs on backend='triton' or 'reference'")
+    name = _backend.resolve(backend, q.device, MIN_CAPABILITY, IMPLEMENTED, _auto_order(cache))
+    if name == "cuda" and _cuda_unsupported(cache):
+        raise ValueError(_cuda_unsupported(cache))
     if validate or name == "reference":
         _validate_values(cache, block_table, cache_seqlens, s_q)
     if metadata is None:

@@ -658,7 +658,10 @@ __global__ void __launch_bounds__(kScheduleThreads)
   for (int b = b0; b < b1; ++b) my_blocks += blocks_of(b);
   const int64_t total_blocks = cta_exclusive_scan(my_blocks).total;
   const int64_t quota = total_blocks > num_parts ? (total_blocks + num_parts - 1) / num_parts : 1;
-  auto items_of = [&](int blocks) { return blocks > quota ? int((blocks + quota - 1) / quota) : 1; };
+  auto items_of = [&](int blocks) {
+    const int64_t n = (blocks + quota / 2) / quota;
+    return n > 1 ? int(n) : 1;
+  };
   int64_t my_items = 0;
   for (int b = b0; b < b1; ++b) my_items += items_of(blocks_of(b));
   const ScanResult item_scan = cta_exclusive_scan(my_items);

@@ -74,7 +74,8 @@ cudaError_t mla_decode_combine(const float* o_partial, const float* lse_partial,
 // The work list both passes read, computed on the device in one launch (no host sync, CUDA-graph safe);
 // the same integers as dskernels.mla.schedule (its torch-op specification):
 //   blocks[b] = clamp(ceil(cache_seqlens[b] / 64), 0, max_pages)
-//   quota     = max(1, ceil(sum(blocks) / num_parts));  n[b] = max(1, ceil(blocks[b] / quota)) items
+//   quota     = max(1, ceil(sum(blocks) / num_parts));  n[b] = max(1, round(blocks[b] / quota)) items
+//             (halves rounded up, i.e. floor((blocks[b] + floor(quota / 2)) / quota))
 //   items     int32 [num_parts + B, 3]: batch b's items at item_offsets[b] + j, j < n[b], cover blocks
 //             [j * c, min((j + 1) * c, blocks[b])) with c = ceil(blocks[b] / n[b]); the rest are (-1, 0, 0)
 //   item_offsets int32 [B + 1] = exclusive prefix sum of n

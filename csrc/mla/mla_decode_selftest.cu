@@ -166,7 +166,7 @@ void check_schedule(const Case& c, const Problem& p, int num_parts, const std::v
 
 // Items: each batch's blocks split into `splits` near-equal ranges, then one unused slot. With
 // splits = 0, the split of dskernels.mla.schedule for this GPU: num_parts = SMs / m-blocks, each batch
-// cut into ceil(blocks / quota) items of ceil(blocks / items) blocks, num_parts + B slots in all.
+// cut into round(blocks / quota) (at least 1) items of ceil(blocks / items) blocks, num_parts + B slots.
 Problem make_problem(const Case& c, std::mt19937& rng) {
   Problem p{};
   p.B = int(c.seqlens.size());
@@ -196,7 +196,7 @@ Problem make_problem(const Case& c, std::mt19937& rng) {
   for (int b = 0; b < p.B; ++b) {
     const int nb = (c.seqlens[b] + PAGE - 1) / PAGE;
     for (int k = 0; k < nb; ++k) bt[size_t(b) * p.bt_stride + k] = perm[next++];
-    const int parts = c.splits == 0 ? std::max(1, (nb + quota - 1) / quota) : std::max(1, std::min(c.splits, nb));
+    const int parts = c.splits == 0 ? std::max(1, (nb + quota / 2) / quota) : std::max(1, std::min(c.splits, nb));
     const int chunk = (nb + parts - 1) / parts;
     for (int s = 0; s < parts; ++s) {
       items.push_back(b);

@@ -8,9 +8,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kLanesPerGroup = kBlock / 8;                  // 16 lanes x 8 elements = one group
-constexpr int kRowsPerPass = kThreads / kLanesPerGroup;     // 16 groups side by side per CTA
-constexpr int kGroupsPerLane = 4;                            // quant_groups_kernel
-constexpr int kGroupsPerCta = kGroupsPerLane * kRowsPerPass;  // 64
+constexpr int kGroupsPerCta = kThreads / kLanesPerGroup;    // 16
 
 template <typename T>
 bool aligned16(const void* p, int64_t ld) {
@@ -33,44 +31,35 @@ __device__ __forceinline__ void store8_e4m3(uint8_t* q, const float (&v)[8], flo
   }
 }
 
-// One group of 128 elements per 16 lanes; each lane loads 8 elements of kGroupsPerLane groups (all
-// loads issued before the first reduction: 64 bytes in flight per thread, and a quarter of the CTAs
-// a one-group-per-lane grid would need). A CTA covers kGroupsPerCta consecutive groups of the
-// flattened [rows, groups_per_row] grid (32-bit indices: the host checks that rows * groups_per_row
-// fits).
+// One group of 128 elements per 16 lanes; each lane loads 8 elements. A CTA covers kGroupsPerCta
+// consecutive groups of the flattened [rows, groups_per_row] grid (32-bit indices: the host checks
+// that rows * groups_per_row fits).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) quant_groups_kernel(
     const T* __restrict__ x, int rows, int cols, int64_t ld_x, uint8_t* __restrict__ q, int64_t ld_q,
     float* __restrict__ s, int64_t s_r, int64_t s_g, bool pow2, bool vec_ok) {
   const unsigned groups_per_row = cdiv(cols, kBlock);
-  const unsigned num_groups = unsigned(rows) * groups_per_row;
+  unsigned group = blockIdx.x * kGroupsPerCta + threadIdx.x / kLanesPerGroup;
+  // Lanes past the last group stay for the warp shuffles but touch no memory.
+  const bool valid = group < unsigned(rows) * groups_per_row;
+  if (!valid) group = 0;
+  const unsigned r = group / groups_per_row, g = group - r * groups_per_row;
   const int lane = threadIdx.x % kLanesPerGroup;
-  unsigned r[kGroupsPerLane];
-  int c[kGroupsPerLane], n[kGroupsPerLane];
-  float v[kGroupsPerLane][8];
+  const int c = int(g) * kBlock + lane * 8;
+  const int n = valid ? cols - c : 0;  // elements left in this row from c on (may be <= 0)
+  const bool vec = vec_ok && n >= 8;
+
+  float v[8];
+  load8(x + r * ld_x + c, n, vec, v);
+  float amax = 0.0f;
 #pragma unroll
-  for (int i = 0; i < kGroupsPerLane; ++i) {
-    unsigned group = blockIdx.x * kGroupsPerCta + i * kRowsPerPass + threadIdx.x / kLanesPerGroup;
-    // Lanes past the last group stay for the warp shuffles but touch no memory.
-    const bool valid = group < num_groups;
-    if (!valid) group = 0;
-    r[i] = group / groups_per_row;
-    c[i] = int(group - r[i] * groups_per_row) * kBlock + lane * 8;
-    n[i] = valid ? cols - c[i] : 0;  // elements left in this row from c on (may be <= 0)
-    load8(x + r[i] * ld_x + c[i], n[i], vec_ok && n[i] >= 8, v[i]);
-  }
+  for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));  // fmaxf skips NaN, as specified
 #pragma unroll
-  for (int i = 0; i < kGroupsPerLane; ++i) {
-    float amax = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[i][j]));  // fmaxf skips NaN, as specified
-#pragma unroll
-    for (int off = kLanesPerGroup / 2; off > 0; off /= 2)
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    const float scale = scale_from_amax(amax, pow2);
-    if (n[i] > 0) store8_e4m3(q + r[i] * ld_q + c[i], v[i], 1.0f / scale, n[i], vec_ok && n[i] >= 8);
-    if (n[i] > 0 && lane == 0) s[r[i] * s_r + (c[i] / kBlock) * s_g] = scale;
-  }
+  for (int off = kLanesPerGroup / 2; off > 0; off /= 2)
+    amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  const float scale = scale_from_amax(amax, pow2);
+  if (n > 0) store8_e4m3(q + r * ld_q + c, v, 1.0f / scale, n, vec);
+  if (valid && lane == 0) s[r * s_r + g * s_g] = scale;
 }
 
 // x [M, K] -> q_t [K, M]. A CTA stages a 128 (M) x 64 (K) tile in shared memory (loads coalesced
@@ -127,7 +116,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) quant_blocks_kernel(
     const T* __restrict__ w, int N, int K, int64_t ld_w, uint8_t* __restrict__ q, int64_t ld_q,
     float* __restrict__ s, int64_t s_r, int64_t s_g, bool pow2, bool vec_ok) {
-  constexpr int kPasses = kBlock / kRowsPerPass;  // 8
+  constexpr int kPasses = kBlock / kGroupsPerCta;  // 8
   __shared__ float warp_amax[kThreads / 32];
   const int lane16 = threadIdx.x % kLanesPerGroup, row0 = threadIdx.x / kLanesPerGroup;
   const int c = blockIdx.x * kBlock + lane16 * 8;
@@ -136,7 +125,7 @@ __global__ void __launch_bounds__(kThreads) quant_blocks_kernel(
   float v[kPasses][8], amax = 0.0f;
 #pragma unroll
   for (int p = 0; p < kPasses; ++p) {
-    const int r = blockIdx.y * kBlock + row0 + p * kRowsPerPass;
+    const int r = blockIdx.y * kBlock + row0 + p * kGroupsPerCta;
     load8(w + int64_t(r < N ? r : 0) * ld_w + c, r < N ? n : 0, vec && r < N, v[p]);
 #pragma unroll
     for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[p][i]));
@@ -150,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) quant_blocks_kernel(
   const float scale = scale_from_amax(amax, pow2), inv = 1.0f / scale;
 #pragma unroll
   for (int p = 0; p < kPasses; ++p) {
-    const int r = blockIdx.y * kBlock + row0 + p * kRowsPerPass;
+    const int r = blockIdx.y * kBlock + row0 + p * kGroupsPerCta;
     if (r < N && n > 0) store8_e4m3(q + int64_t(r) * ld_q + c, v[p], inv, n, vec);
   }
   if (threadIdx.x == 0) s[blockIdx.y * s_r + blockIdx.x * s_g] = scale;
