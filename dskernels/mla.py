@@ -35,12 +35,9 @@ from dskernels.reference.mla import (CACHE_DIM, FP8_CACHE_BYTES, KV_LORA_RANK, P
 
 MIN_CAPABILITY = (8, 0)
 IMPLEMENTED = ("reference", "triton", "cuda")
-# CUDA reads only the bf16 cache; where it runs, "auto" takes it: on an H100 (2026-11-27) it was as fast
-# as Triton or faster on every benchmark shape (1.1x at 16 heads, 2.2x at 128), and Triton is the
-# only kernel for the FP8 cache.
-
-
-# The split kernel is Hopper-only (wgmma, TMA); Triton's runs from sm_80.
+# The CUDA split kernel is Hopper-only (wgmma, TMA) and reads only the bf16 cache; Triton's runs from
+# sm_80 and also reads the FP8 cache. Where CUDA runs, "auto" takes it: on an H100 (2026-11-27) it was
+# as fast as Triton or faster on every benchmark shape (1.1x at 16 heads, 2.2x at 128).
 CUDA_MIN_CAPABILITY = (9, 0)
 
 
