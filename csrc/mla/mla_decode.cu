@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int i = 0; i < 4; ++i) {
         const uint64_t off = static_cast<uint64_t>((4 * wg + i) * (kChunkBytes >> 4));
 #pragma unroll
-        for (int k = 0; k < 4; ++k) wgmma_m64n64k16_bf16_ss(s, desc_q + off + 2 * k, desc_k + off + 2 * k, (i | k) != 0);
+        for (int k = 0; k < 4; ++k) wgmma_m64k16_bf16_kk<64>(s, desc_q + off + 2 * k, desc_k + off + 2 * k, (i | k) != 0);
       }
       wgmma_commit_group();
     };
@@ -228,7 +228,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int c = i < 4 ? 4 * (1 - wg) + i : 8;
         const uint64_t off = static_cast<uint64_t>(c * (kChunkBytes >> 4));
 #pragma unroll
-        for (int k = 0; k < 4; ++k) wgmma_m64n64k16_bf16_ss(s, desc_q + off + 2 * k, desc_k + off + 2 * k, 1);
+        for (int k = 0; k < 4; ++k) wgmma_m64k16_bf16_kk<64>(s, desc_q + off + 2 * k, desc_k + off + 2 * k, 1);
       }
       wgmma_commit_group();
     };
@@ -291,6 +291,21 @@ __global__ void __launch_bounds__(kThreads, 1)
         m_use[h] = (m_new[h] == -INFINITY) ? 0.0f : m_new[h];  // a row with nothing visible yet: no NaN
         alpha[h] = ex2_approx(m_old[h] - m_use[h]);             // -inf - x -> 0
       }
+    };
+
+    // Keeps the new running max and hands it and the rescale factor to the other warpgroup (one-way:
+    // it bar.sync's on `bar` before reading them).
+    auto publish_max = [&](const float (&m_new)[2], const float (&alpha)[2], float* s_max, float* s_scale,
+                           uint32_t bar) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        row_max[h] = m_new[h];
+        if (lane % 4 == 0) {
+          s_max[r_lo + 8 * h] = m_new[h];
+          s_scale[r_lo + 8 * h] = alpha[h];
+        }
+      }
+      named_barrier_arrive(bar, kMathThreads);
     };
 
     // P = exp2(S * scale_log2 - m_use) in place (masked entries -> 0), packed to bf16 pairs in pk;
@@ -392,15 +407,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           float mx[2], m_new[2], m_use[2], alpha[2], sum[2];
           mask_row_max(a, mx);
           update_max(row_max, mx, m_new, m_use, alpha);
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            row_max[h] = m_new[h];
-            if (lane % 4 == 0) {
-              s_max_a[r_lo + 8 * h] = m_new[h];
-              s_scale_a[r_lo + 8 * h] = alpha[h];
-            }
-          }
-          named_barrier_arrive(kBarMaxA, kMathThreads);
+          publish_max(m_new, alpha, s_max_a, s_scale_a, kBarMaxA);
           exponentiate(m_use, sum);
 #pragma unroll
           for (int h = 0; h < 2; ++h) row_sum[h] = row_sum[h] * alpha[h] + sum[h];
@@ -465,15 +472,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           if (has_b) {
             update_max(m_a, mx, m_new, m_use, alpha_b);
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              row_max[h] = m_new[h];
-              if (lane % 4 == 0) {
-                s_max_b[r_lo + 8 * h] = m_new[h];
-                s_scale_b[r_lo + 8 * h] = alpha_b[h];
-              }
-            }
-            named_barrier_arrive(kBarMaxB, kMathThreads);
+            publish_max(m_new, alpha_b, s_max_b, s_scale_b, kBarMaxB);
             exponentiate(m_use, sum);
             store_p(nullptr);  // slot free: as for WG 0's store_p
             named_barrier_arrive(kBarPB, kMathThreads);
