@@ -277,12 +277,17 @@ def test_cuda_refuses_the_fp8_cache(backend):
 
 
 @pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] != "reference"])
-def test_without_host_validation_a_bad_batch_becomes_nan(backend):
-    """validate=False: no host sync; the device-side check poisons only the offending batch."""
+@pytest.mark.parametrize("bad_batch", [0, 1], ids=["split-batch", "single-item-batch"])
+def test_without_host_validation_a_bad_batch_becomes_nan(backend, bad_batch):
+    """validate=False: no host sync; the device-side check poisons only the offending batch, whether the
+    combine finishes it (batch 0: two items) or the split pass does (batch 1: one block, one item)."""
     cache, block_table, lens = paged_cache([100, 30])
+    metadata = mla.get_mla_metadata(lens, block_table, cache.shape[0], 1, 16)
+    assert metadata.item_offsets.tolist() == [0, 2, 3]
     bad_table = block_table.clone()
-    bad_table[1, 0] = 10_000
+    bad_table[bad_batch, 0] = 10_000
     out, lse = mla.mla_decode(query(2, 1, 16), cache, bad_table, lens, ref.softmax_scale(), validate=False,
                               backend=backend)
-    assert torch.isnan(out[1].float()).all() and torch.isnan(lse[1]).all()
-    assert torch.isfinite(out[0].float()).all() and torch.isfinite(lse[0]).all()
+    good = 1 - bad_batch
+    assert torch.isnan(out[bad_batch].float()).all() and torch.isnan(lse[bad_batch]).all()
+    assert torch.isfinite(out[good].float()).all() and torch.isfinite(lse[good]).all()

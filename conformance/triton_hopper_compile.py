@@ -39,8 +39,9 @@ def kernels():
                    {"B_PER_ROW": per_row, "ACCUMULATE": acc, "EMULATE": False, **cfg.kwargs},
                    {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     split_sig = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i32", "seqlens_ptr": "*i32", "items_ptr": "*i32",
-                 "o_ptr": "*fp32", "lse_ptr": "*fp32", "num_pages": "i32", "page_stride": "i32", "bt_stride": "i32",
-                 "rows": "i32", "H": "i32", "S_Q": "i32", "scale_log2": "fp32"}
+                 "offsets_ptr": "*i32", "bad_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16",
+                 "lse_out_ptr": "*fp32", "num_pages": "i32", "page_stride": "i32", "bt_stride": "i32", "rows": "i32",
+                 "H": "i32", "S_Q": "i32", "scale_log2": "fp32"}
     for block_h in (16, 32, 64):
         yield (f"mla_split(BLOCK_H={block_h})", tm._mla_split_kernel, split_sig,
                {"CAUSAL": True, "FP8_CACHE": False, "BLOCK_H": block_h, "EMULATE": False},

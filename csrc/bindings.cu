@@ -66,12 +66,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("fp8_gemm", &fp8_gemm_binding);
   m.def("mla_decode_split", [](uintptr_t q, uintptr_t cache, int num_pages, int64_t page_stride,
                                uintptr_t block_table, int bt_stride, uintptr_t seqlens, uintptr_t items,
-                               int max_items, int B, int s_q, int H, float scale, bool causal,
-                               uintptr_t o_partial, uintptr_t lse_partial, uintptr_t st) {
+                               uintptr_t offsets, uintptr_t bad, int max_items, int B, int s_q, int H, float scale,
+                               bool causal, uintptr_t o_partial, uintptr_t lse_partial, uintptr_t out, uintptr_t lse,
+                               uintptr_t st) {
     check_kernel(mla_decode_split(ptr(q), ptr(cache), num_pages, page_stride, ptr<const int>(block_table),
-                                  bt_stride, ptr<const int>(seqlens), ptr<const int>(items), max_items, B,
-                                  s_q, H, scale, causal, ptr<float>(o_partial), ptr<float>(lse_partial),
-                                  stream(st)),
+                                  bt_stride, ptr<const int>(seqlens), ptr<const int>(items), ptr<const int>(offsets),
+                                  ptr<const int>(bad), max_items, B, s_q, H, scale, causal, ptr<float>(o_partial),
+                                  ptr<float>(lse_partial), ptr(out), ptr<float>(lse), stream(st)),
                  "mla_decode_split");
   });
   m.def("mla_decode_combine", [](uintptr_t o_partial, uintptr_t lse_partial, uintptr_t offsets, uintptr_t bad,

@@ -115,6 +115,96 @@ __device__ __forceinline__ void tma_load_3d(void* smem_dst, const CUtensorMap* m
       : "memory");
 }
 
+// 2-D tile copy shared -> global (coordinates innermost first) into the calling thread's current bulk
+// group; out-of-bounds parts of the box are not written.
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* smem_src, int32_t inner,
+                                             int32_t outer) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(smem_addr(smem_src)), "r"(inner), "r"(outer)
+               : "memory");
+}
+
+// Closes the calling thread's bulk async copies issued since the last commit into one bulk group.
+__device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+
+// Waits until at most kPending of this thread's bulk groups still read their shared-memory source.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_group_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kPending) : "memory");
+}
+
+// Waits until at most kPending of this thread's bulk groups are incomplete (writes done).
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_group() {
+  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// 3-D tile copy shared -> global (coordinates innermost first), as tma_store_2d.
+__device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, const void* smem_src, int32_t c0, int32_t c1,
+                                             int32_t c2) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(smem_addr(smem_src)), "r"(c0), "r"(c1), "r"(c2)
+               : "memory");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Thread-block clusters: geometry, cluster barrier, remote mbarrier arrival, multicast TMA
+// ---------------------------------------------------------------------------------------------
+
+// Cluster geometry (1-D grids and clusters along x).
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ uint32_t cluster_id_x() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ uint32_t num_clusters_x() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(r));
+  return r;
+}
+
+// Every thread of every CTA of the cluster: arrive (release), then wait (acquire). Not .aligned, so
+// diverged warps may call it.
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
+
+// Arrives on the mbarrier at the same shared-memory offset as `bar` in cluster CTA `cta_rank` (the peer).
+// Default semantics (release at CTA scope), deliberately not `.release.cluster`: ptxas (CUDA 13.0) lowers
+// a cluster-scope release to MEMBAR.ALL.CTA + MEMBAR.ALL.GPU + ERRBAR + CGAERRBAR before the arrive, a
+// GPU-scope fence that stalls the warp until its outstanding memory operations are performed. The math
+// warps did that twice per K block (one arrival per CTA of the pair) right after the wgmma wait: the
+// H100 sweep shows a fixed ~1.5-2 us per K block in every cluster kernel, whatever the tile shape or
+// memory level, i.e. the 3-4x slowdown (csrc/gemm/NOTES.md). No fence is needed where the only hazard is
+// write-after-read on a buffer the wgmma read (see retire() in fp8_gemm.cu). This is the instruction of
+// CUTLASS's ClusterBarrier::arrive(cta_id).
+__device__ __forceinline__ void mbarrier_arrive_remote(uint64_t* bar, uint32_t cta_rank) {
+  asm volatile(
+      "{\n.reg .b32 remote;\n"
+      "mapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_addr(bar)),
+      "r"(cta_rank)
+      : "memory");
+}
+
+// 2-D tile copy global -> the shared memory of every CTA in `cta_mask`, at smem_dst's offset in each, and
+// complete_tx on the mbarrier at bar's offset in each.
+__device__ __forceinline__ void tma_load_2d_multicast(void* smem_dst, const CUtensorMap* map, uint64_t* bar,
+                                                      int32_t inner, int32_t outer, uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(smem_addr(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(inner), "r"(outer), "h"(cta_mask)
+      : "memory");
+}
+
 // ---------------------------------------------------------------------------------------------
 // wgmma
 // ---------------------------------------------------------------------------------------------

@@ -12,11 +12,12 @@ block_table [B, max_pages] int32; cache_seqlens [B] int32 counts the cached toke
 s_q query tokens (append them first). The math is specified in dskernels.reference.mla.
 
 Work is split flash-decoding style: the scheduler cuts every sequence into items of about `quota`
-64-token blocks so that all items together fill the GPU about evenly, whatever the mix of lengths,
-and a combine step merges each batch's items by log-sum-exp. The work list depends only on the
-lengths, the block table and the head count, so, as FlashMLA's get_mla_metadata, it is computed once
-per decode step (`get_mla_metadata`: one CUDA launch, or `schedule`'s torch ops, on the device: no
-host sync, CUDA-graph safe) and shared by all layers; mla_decode computes it itself when not given.
+64-token blocks so that all items together fill the GPU about evenly, whatever the mix of lengths;
+a batch of one item is finished by the split kernel, and a combine step merges the items of the
+other batches by log-sum-exp. The work list depends only on the lengths, the block table and the
+head count, so, as FlashMLA's get_mla_metadata, it is computed once per decode step
+(`get_mla_metadata`: one CUDA launch, or `schedule`'s torch ops, on the device: no host sync,
+CUDA-graph safe) and shared by all layers; mla_decode computes it itself when not given.
 
 Values are checked on the host when validate=True (the default: one device-to-host sync): block
 table entries inside the cache, cache_seqlens within what the table covers and >= s_q. With
@@ -182,10 +183,12 @@ def _cuda_decode(q, cache, block_table, cache_seqlens, scale, causal, items, off
     B, s_q, H, _ = q.shape
     o_part, lse_part = _partials(q, items)
     C, st = _backend._C, _backend.stream(q)
+    # a batch the scheduler flagged (bad) comes back NaN: the device-side check, no host sync. Batches
+    # of one item are finished by the split pass, the others by the combine.
     C.mla_decode_split(q.data_ptr(), cache.data_ptr(), cache.shape[0], cache.stride(0), block_table.data_ptr(),
-                       block_table.stride(0), cache_seqlens.data_ptr(), items.data_ptr(), items.shape[0], B, s_q,
-                       H, scale, causal, o_part.data_ptr(), lse_part.data_ptr(), st)
-    # a batch the scheduler flagged (bad) comes back NaN: the device-side check, no host sync
+                       block_table.stride(0), cache_seqlens.data_ptr(), items.data_ptr(), offsets.data_ptr(),
+                       bad.data_ptr(), items.shape[0], B, s_q, H, scale, causal, o_part.data_ptr(),
+                       lse_part.data_ptr(), out.data_ptr(), lse.data_ptr(), st)
     C.mla_decode_combine(o_part.data_ptr(), lse_part.data_ptr(), offsets.data_ptr(), bad.data_ptr(), B, s_q, H,
                          out.data_ptr(), lse.data_ptr(), st)
 

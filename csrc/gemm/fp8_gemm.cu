@@ -109,83 +109,6 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t
                : "memory");
 }
 
-// 2-D tile copy shared -> global (coordinates innermost first) into the calling thread's current bulk
-// group; out-of-bounds parts of the box are not written. Move to hopper.cuh.
-__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* smem_src, int32_t inner,
-                                             int32_t outer) {
-  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(
-                   reinterpret_cast<uint64_t>(map)),
-               "r"(hopper::smem_addr(smem_src)), "r"(inner), "r"(outer)
-               : "memory");
-}
-
-// Closes the calling thread's bulk async copies issued since the last commit into one bulk group.
-__device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
-
-// Waits until at most kPending of this thread's bulk groups still read their shared-memory source.
-template <int kPending>
-__device__ __forceinline__ void bulk_wait_group_read() {
-  asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kPending) : "memory");
-}
-
-// Waits until at most kPending of this thread's bulk groups are incomplete (writes done).
-template <int kPending>
-__device__ __forceinline__ void bulk_wait_group() {
-  asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kPending) : "memory");
-}
-
-// Cluster geometry (1-D grids and clusters along x here). Move to hopper.cuh.
-__device__ __forceinline__ uint32_t cluster_ctarank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ uint32_t cluster_id_x() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%clusterid.x;" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ uint32_t num_clusters_x() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%nclusterid.x;" : "=r"(r));
-  return r;
-}
-
-// Every thread of every CTA of the cluster: arrive (release), then wait (acquire). Not .aligned, so
-// diverged warps may call it. Move to hopper.cuh.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
-}
-
-// Arrives on the mbarrier at the same shared-memory offset as `bar` in cluster CTA `cta_rank` (the peer).
-// Default semantics (release at CTA scope), deliberately not `.release.cluster`: ptxas (CUDA 13.0) lowers
-// a cluster-scope release to MEMBAR.ALL.CTA + MEMBAR.ALL.GPU + ERRBAR + CGAERRBAR before the arrive, a
-// GPU-scope fence that stalls the warp until its outstanding memory operations are performed. The math
-// warps did that twice per K block (one arrival per CTA of the pair) right after the wgmma wait: the
-// H100 sweep shows a fixed ~1.5-2 us per K block in every cluster kernel, whatever the tile shape or
-// memory level, i.e. the 3-4x slowdown (NOTES.md). No fence is needed: the only hazard is write-after-read
-// on the stage (see retire() in the kernel). This is the instruction of CUTLASS's
-// ClusterBarrier::arrive(cta_id). Move to hopper.cuh.
-__device__ __forceinline__ void mbarrier_arrive_remote(uint64_t* bar, uint32_t cta_rank) {
-  asm volatile(
-      "{\n.reg .b32 remote;\n"
-      "mapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(hopper::smem_addr(bar)),
-      "r"(cta_rank)
-      : "memory");
-}
-
-// 2-D tile copy global -> the shared memory of every CTA in `cta_mask`, at smem_dst's offset in each, and
-// complete_tx on the mbarrier at bar's offset in each. Move to hopper.cuh.
-__device__ __forceinline__ void tma_load_2d_multicast(void* smem_dst, const CUtensorMap* map, uint64_t* bar,
-                                                      int32_t inner, int32_t outer, uint16_t cta_mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(hopper::smem_addr(smem_dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(hopper::smem_addr(bar)), "r"(inner), "r"(outer), "h"(cta_mask)
-      : "memory");
-}
-
 // Two floats -> bf16x2 bits (x in the low half).
 __device__ __forceinline__ uint32_t pack_bf16x2(float x, float y) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
@@ -303,9 +226,9 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
   // pairs of m blocks) and CTA `cta_rank` of the cluster takes m block kCluster * pair + cta_rank.
   // Both CTAs of a cluster walk the same t sequence, so they agree on every stage's (tile, kb).
   const int num_tiles = p.num_m_blocks * p.num_n_blocks;
-  const int cta_rank = kCluster > 1 ? static_cast<int>(x::cluster_ctarank()) : 0;
-  const int first_tile = kCluster > 1 ? static_cast<int>(x::cluster_id_x()) : static_cast<int>(blockIdx.x);
-  const int tile_stride = kCluster > 1 ? static_cast<int>(x::num_clusters_x()) : static_cast<int>(gridDim.x);
+  const int cta_rank = kCluster > 1 ? static_cast<int>(cluster_ctarank()) : 0;
+  const int first_tile = kCluster > 1 ? static_cast<int>(cluster_id_x()) : static_cast<int>(blockIdx.x);
+  const int tile_stride = kCluster > 1 ? static_cast<int>(num_clusters_x()) : static_cast<int>(gridDim.x);
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
@@ -317,7 +240,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
   }
   // With clusters the peer's multicast and remote arrivals target these barriers: sync the cluster.
   if constexpr (kCluster > 1)
-    x::cluster_sync();
+    cluster_sync();
   else
     __syncthreads();
 
@@ -368,7 +291,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
               tma_load_2d(smem + T::kAScaleOffset + s * T::kAScaleBytes, &tmap_a_scale, &full[s], m0, kb);
             }
             // Rows [cta_rank * kHalfRows, +kHalfRows) of the B tile, into both CTAs (box {128, BN / 2}).
-            x::tma_load_2d_multicast(smem + T::kBOffset + s * T::kBBytes + cta_rank * kHalfRows * kBlockK, &tmap_b,
+            tma_load_2d_multicast(smem + T::kBOffset + s * T::kBBytes + cta_rank * kHalfRows * kBlockK, &tmap_b,
                                      &full[s], kb * kBlockK, n0 + cta_rank * kHalfRows,
                                      static_cast<uint16_t>((1u << kCluster) - 1));
             if constexpr (kScaleBPerRow)
@@ -464,7 +387,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
       __syncwarp();
       if (lane == 0) {
         mbarrier_arrive(&empty[sc.stage]);
-        if constexpr (kCluster > 1) x::mbarrier_arrive_remote(&empty[sc.stage], static_cast<uint32_t>(cta_rank ^ 1));
+        if constexpr (kCluster > 1) mbarrier_arrive_remote(&empty[sc.stage], static_cast<uint32_t>(cta_rank ^ 1));
       }
       if constexpr (kScaleBPerRow) {
 #pragma unroll
@@ -511,7 +434,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
     };
     auto store_tma = [&](const TileInfo& ti) {
       uint8_t* cd = smem + T::kCdOffset + warpgroup * T::kCdWarpgroupBytes;
-      if (store_leader) x::bulk_wait_group_read<0>();
+      if (store_leader) bulk_wait_group_read<0>();
       warpgroup_barrier();
       // stmatrix x4 covers column groups 2jj and 2jj + 1, rows 0-7 and 8-7 of this warp's 16: matrix
       // i = lane / 8 is (group 2jj + i / 2, half i % 2); lane gives row lane % 8 of matrix i.
@@ -534,10 +457,10 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
 #pragma unroll
           for (int q = 0; q < T::kStorePanels; ++q) {
             const int col0 = ti.n0 + q * T::kStorePanelCols;
-            if (col0 < p.N) x::tma_store_2d(&tmap_out, cd + q * T::kStorePanelBytes, col0, row0);
+            if (col0 < p.N) tma_store_2d(&tmap_out, cd + q * T::kStorePanelBytes, col0, row0);
           }
         }
-        x::bulk_commit_group();
+        bulk_commit_group();
       }
     };
 
@@ -616,13 +539,13 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
       // tell: without this wait it injects one (C7517).
       wgmma_wait_group<0>();
       // The last tile's TMA stores must be complete before the CTA exits.
-      if (p.tma_store && store_leader) x::bulk_wait_group<0>();
+      if (p.tma_store && store_leader) bulk_wait_group<0>();
     }
   }
   // Remote arrivals and multicast writes target the peer's shared memory until its last stage: neither
   // CTA of a cluster may exit before both are done. Every thread (the idle producer lanes included)
   // takes part, so no rule about exited threads is relied on.
-  if constexpr (kCluster > 1) x::cluster_sync();
+  if constexpr (kCluster > 1) cluster_sync();
 #elif defined(__CUDA_ARCH__)
   __trap();  // built for a target without wgmma/TMA; the host launcher refuses such devices
 #endif

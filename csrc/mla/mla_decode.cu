@@ -12,6 +12,8 @@
 //     while one runs softmax on CUDA cores the other's wgmma keep the tensor cores busy (the FlashMLA
 //     design). V is read MN-major from the same cache tile ("transposed B"): the cache is read once for
 //     both GEMMs.
+//   - Epilogue: a batch whose only item this is gets its bf16 out tile (staged in the Q buffer, stored with
+//     TMA) and lse here; the items of split batches write fp32 partials for the combine pass.
 
 #include "mla_decode.h"
 
@@ -30,8 +32,11 @@ struct SplitParams {
   const int* block_table;
   const int* cache_seqlens;
   const int* items;
+  const int* item_offsets;
+  const int* bad;      // may be null
   float* o_partial;
   float* lse_partial;
+  float* lse;
   int bt_stride;
   int rows;           // s_q * H
   int num_m_blocks;   // ceil(rows / 64)
@@ -73,7 +78,8 @@ inline constexpr uint32_t kBarMaxA = 1;    // WG 0 -> 1: running max and rescale
 inline constexpr uint32_t kBarMaxB = 2;    // WG 1 -> 0: running max and rescale after the odd block
 inline constexpr uint32_t kBarPA = 3;      // WG 0 -> 1: P of the even block in buffer 0's chunk-8 slot
 inline constexpr uint32_t kBarPB = 4;      // WG 1 -> 0: P of the odd block in buffer 1's chunk-8 slot
-inline constexpr uint32_t kBarZero = 5;    // + warpgroup (5, 6): one warpgroup's 128 threads, tail zeroing
+inline constexpr uint32_t kBarZero = 5;    // + warpgroup (5, 6): one warpgroup's 128 threads (tail zeroing,
+                                           // the staged out tile)
 inline constexpr uint32_t kBarSum = 7;     // epilogue row sums of both warpgroups
 
 }  // namespace mla_detail
@@ -93,7 +99,7 @@ using namespace mla_detail;
 // the RoPE chunk), so the next block's loads start as soon as each half's last P V completes.
 __global__ void __launch_bounds__(kThreads, 1)
     mla_split_kernel(const __grid_constant__ CUtensorMap tmap_q, const __grid_constant__ CUtensorMap tmap_kv,
-                            const SplitParams p) {
+                     const __grid_constant__ CUtensorMap tmap_out, const SplitParams p) {
 #if DSK_HOPPER_DEVICE
   using namespace hopper;
 
@@ -145,6 +151,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       const int* bt = p.block_table + static_cast<size_t>(b) * p.bt_stride + blk_begin;
       uint8_t* dst = s_kv + buf * kTileBytes;
+      // At the start every CTA of the wave loads at once and DRAM is the bottleneck: block 1 waits until Q
+      // and block 0 have landed, so the first S (which needs only those) starts a third earlier.
+      if (buf == 1) mbarrier_wait(&full[1], 0);
       for (int n = buf, j = 0; n < num_blocks; n += 2, ++j) {
         const int page = __ldg(bt + n);
         const uint32_t phase = j & 1;
@@ -526,20 +535,61 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane % 4 == 0) s_sum[wg * 64 + r_lo + 8 * h] = row_sum[h];
     }
     named_barrier_sync(kBarSum, kMathThreads);
+    // A batch with this item alone is finished here: out and lse directly (NaN for a batch the scheduler
+    // flagged), and the combine pass skips it. Otherwise the item's partial result for the combine.
+    const bool whole = p.item_offsets[b + 1] - p.item_offsets[b] == 1;
+    const bool poisoned = p.bad != nullptr && p.bad[b] != 0;
+    float inv[2], row_lse[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = r_lo + 8 * h;
-      const int row = m_block * kMlaRowsPerCta + r;
       const float total = s_sum[r] + s_sum[64 + r];
-      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-      if (row < p.rows) {
+      inv[h] = total > 0.0f ? 1.0f / total : 0.0f;
+      row_lse[h] = total > 0.0f ? (row_max[h] + log2f(total)) * 0.69314718055994531f : -INFINITY;
+    }
+    if (whole) {
+      // bf16 out through the Q buffer (every S has completed: both warpgroups passed kBarSum): each
+      // warpgroup stages its 256 dims as four 64 x 64 chunks with the 128-byte swizzle (conflict-free, as
+      // store_p) and one thread stores them with TMA, which clips the rows past s_q * H. Whole 128-byte
+      // lines instead of 16-byte pieces of eight rows per store instruction.
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = r_lo + 8 * h;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          const __nv_bfloat162 pair =
+              poisoned ? __floats2bfloat162_rn(NAN, NAN)
+                       : __floats2bfloat162_rn(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
+          uint8_t* chunk = s_q + (4 * wg + j / 8) * kChunkBytes;
+          *reinterpret_cast<__nv_bfloat162*>(chunk + r * 128 + (((j % 8) ^ (r & 7)) * 16) + 4 * (lane % 4)) = pair;
+        }
+        const int row = m_block * kMlaRowsPerCta + r;
+        if (wg == 0 && lane % 4 == 0 && row < p.rows)
+          p.lse[(static_cast<size_t>(b) * p.H + row % p.H) * p.s_q + row / p.H] = poisoned ? NAN : row_lse[h];
+      }
+      fence_proxy_async_smem();  // generic-proxy stores -> visible to the TMA store
+      if (wg == 0)
+        named_barrier_sync(kBarZero, 128);
+      else
+        named_barrier_sync(kBarZero + 1, 128);
+      if (wtid == 0) {
+        for (int c = 4 * wg; c < 4 * wg + 4; ++c)
+          tma_store_3d(&tmap_out, s_q + c * kChunkBytes, c * kChunkDims, m_block * kMlaRowsPerCta, b);
+        bulk_commit_group();
+        bulk_wait_group_read<0>();  // the shared-memory source must outlive the reads
+      }
+    } else {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m_block * kMlaRowsPerCta + r_lo + 8 * h;
+        if (row >= p.rows) continue;
         const size_t out_row = static_cast<size_t>(item) * p.rows + row;
         float* dst = p.o_partial + out_row * kMlaDimV + wg * 256 + quad_col;
 #pragma unroll
         for (int j = 0; j < 32; ++j)
-          *reinterpret_cast<float2*>(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv, o[4 * j + 2 * h + 1] * inv);
-        if (wg == 0 && lane % 4 == 0)
-          p.lse_partial[out_row] = total > 0.0f ? (row_max[h] + log2f(total)) * 0.69314718055994531f : -INFINITY;
+          *reinterpret_cast<float2*>(dst + 8 * j) =
+              make_float2(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
+        if (wg == 0 && lane % 4 == 0) p.lse_partial[out_row] = row_lse[h];
       }
     }
   }
@@ -548,7 +598,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// One warp per (batch, row): merges the batch's items. Lane l owns dims 4(l + 32k) .. +3, k = 0..3.
+// One warp per (batch, row): merges the batch's items (batches of one item were finished by the split
+// pass). Lane l owns dims 4(l + 32k) .. +3, k = 0..3.
 __global__ void __launch_bounds__(128)
     mla_combine_kernel(const float* __restrict__ o_partial, const float* __restrict__ lse_partial,
                        const int* __restrict__ item_offsets, const int* __restrict__ bad, int B, int rows, int H,
@@ -558,6 +609,7 @@ __global__ void __launch_bounds__(128)
   if (task >= B * rows) return;
   const int b = task / rows, row = task % rows;
   const int i0 = item_offsets[b], i1 = item_offsets[b + 1];
+  if (i1 - i0 == 1) return;  // the split pass wrote this batch's out and lse
   const bool poisoned = bad != nullptr && bad[b] != 0;
 
   float m = -INFINITY;
@@ -701,16 +753,18 @@ bool is_aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uint
 
 cudaError_t mla_decode_split(const void* q, const void* cache, int num_pages, int64_t page_stride,
                              const int* block_table, int bt_stride, const int* cache_seqlens, const int* items,
-                             int max_items, int B, int s_q, int H, float softmax_scale, bool causal,
-                             float* o_partial, float* lse_partial, cudaStream_t stream) {
+                             const int* item_offsets, const int* bad, int max_items, int B, int s_q, int H,
+                             float softmax_scale, bool causal, float* o_partial, float* lse_partial, void* out,
+                             float* lse, cudaStream_t stream) {
   using namespace hopper;
   if (B < 1 || s_q < 1 || H < 1 || max_items < 1 || num_pages < 1 || bt_stride < 1) return cudaErrorInvalidValue;
   if (page_stride < int64_t(kMlaPageSize) * kMlaDimQK || page_stride % 8 != 0) return cudaErrorInvalidValue;
   if (!(softmax_scale > 0.0f) || !std::isfinite(softmax_scale)) return cudaErrorInvalidValue;
   if (q == nullptr || cache == nullptr || block_table == nullptr || cache_seqlens == nullptr || items == nullptr ||
-      o_partial == nullptr || lse_partial == nullptr)
+      item_offsets == nullptr || o_partial == nullptr || lse_partial == nullptr || out == nullptr || lse == nullptr)
     return cudaErrorInvalidValue;
-  if (!is_aligned(q, 16) || !is_aligned(cache, 16) || !is_aligned(o_partial, 16) || !is_aligned(lse_partial, 4))
+  if (!is_aligned(q, 16) || !is_aligned(cache, 16) || !is_aligned(o_partial, 16) || !is_aligned(lse_partial, 4) ||
+      !is_aligned(out, 16) || !is_aligned(lse, 4))
     return cudaErrorInvalidValue;
   const int64_t rows = int64_t(s_q) * H;
   const int64_t num_m_blocks = (rows + kMlaRowsPerCta - 1) / kMlaRowsPerCta;
@@ -723,7 +777,7 @@ cudaError_t mla_decode_split(const void* q, const void* cache, int num_pages, in
   if (major != 9) return cudaErrorNotSupported;
 
   // Q as [B][rows][576]: rows past s_q * H of a batch read as zeros (the box is always 64 rows).
-  CUtensorMap tmap_q{}, tmap_kv{};
+  CUtensorMap tmap_q{}, tmap_kv{}, tmap_out{};
   err = make_tensor_map_3d(&tmap_q, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, q,
                            {uint64_t(kMlaDimQK), uint64_t(rows), uint64_t(B)},
                            {uint64_t(kMlaDimQK) * 2, uint64_t(rows) * kMlaDimQK * 2},
@@ -735,13 +789,23 @@ cudaError_t mla_decode_split(const void* q, const void* cache, int num_pages, in
                            {uint64_t(kMlaDimQK) * 2, uint64_t(page_stride) * 2},
                            {uint32_t(kChunkDims), uint32_t(kMlaPageSize), 1u}, CU_TENSOR_MAP_SWIZZLE_128B);
   if (err != cudaSuccess) return err;
+  // out as [B][rows][512]: the single-item batches' 64-row blocks, stored in 64-dim boxes (rows past
+  // s_q * H clipped).
+  err = make_tensor_map_3d(&tmap_out, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, out,
+                           {uint64_t(kMlaDimV), uint64_t(rows), uint64_t(B)},
+                           {uint64_t(kMlaDimV) * 2, uint64_t(rows) * kMlaDimV * 2},
+                           {uint32_t(kChunkDims), uint32_t(kMlaRowsPerCta), 1u}, CU_TENSOR_MAP_SWIZZLE_128B);
+  if (err != cudaSuccess) return err;
 
   SplitParams p{};
   p.block_table = block_table;
   p.cache_seqlens = cache_seqlens;
   p.items = items;
+  p.item_offsets = item_offsets;
+  p.bad = bad;
   p.o_partial = o_partial;
   p.lse_partial = lse_partial;
+  p.lse = lse;
   p.bt_stride = bt_stride;
   p.rows = int(rows);
   p.num_m_blocks = int(num_m_blocks);
@@ -754,7 +818,7 @@ cudaError_t mla_decode_split(const void* q, const void* cache, int num_pages, in
   if (err != cudaSuccess) return err;
   // m-blocks of one item are adjacent in launch order: they read the same cache blocks close in time (L2).
   const unsigned grid = unsigned(num_m_blocks * max_items);
-  mla_split_kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap_q, tmap_kv, p);
+  mla_split_kernel<<<grid, kThreads, kSmemBytes, stream>>>(tmap_q, tmap_kv, tmap_out, p);
   return cudaGetLastError();
 }
 

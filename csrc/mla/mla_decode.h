@@ -7,8 +7,9 @@
 // over the visible tokens t: t < cache_seqlens[b] - s_q + i + 1 when causal, else t < cache_seqlens[b].
 //
 // Two passes. The split pass runs one CTA per (work item, 64 query rows); a work item is a range of
-// 64-token cache blocks of one batch, made by mla_decode_schedule (or its torch twin in Python).
-// It writes per-item partial results; the combine pass merges the items of each batch.
+// 64-token cache blocks of one batch, made by mla_decode_schedule (or its torch twin in Python). A batch
+// with a single item is finished by the split pass (out and lse written directly); the items of the other
+// batches write partial results, which the combine pass merges.
 //
 // Plain C++ host API: no PyTorch, no pybind11. The caller (Python) checks every rule below and raises
 // before calling; these functions re-check the cheap ones and return cudaErrorInvalidValue instead of
@@ -41,6 +42,8 @@ constexpr int kMlaRowsPerCta = 64;  // query rows (i, h) per CTA: the wgmma M di
 //   items         int32 [max_items, 3] = (b, first block, end block (exclusive)); b = -1 marks an unused
 //                 slot (its CTAs exit, its outputs are left untouched). Blocks at or past
 //                 ceil(cache_seqlens[b] / 64) are ignored; an item with no block left yields lse = -inf, o = 0.
+//   item_offsets  int32 [B + 1]: batch b owns items item_offsets[b] .. item_offsets[b+1]-1 (at least one).
+//   bad           int32 [B] or nullptr: see mla_decode_combine (applied here to single-item batches).
 //   max_items     rows of `items`, >= 1.
 //   B, s_q, H     >= 1 each; s_q * H any value (the last CTA of a batch masks its padded rows).
 //   softmax_scale finite and > 0 (scores are scaled by softmax_scale * log2(e) and use exp2).
@@ -50,15 +53,20 @@ constexpr int kMlaRowsPerCta = 64;  // query rows (i, h) per CTA: the wgmma M di
 //                 16-byte aligned.
 //   lse_partial   fp32 [max_items, s_q * H]: natural-log sum-exp of the scaled scores over the item's
 //                 range; -inf where the row sees no token in the range. 4-byte aligned.
+//                 Partials are written for the items of multi-item batches only.
+//   out, lse      as for mla_decode_combine: written here for the batches of one item, untouched for the
+//                 others (the combine pass writes those). out 16-byte aligned.
 // Tokens of the last page past cache_seqlens[b] may hold anything (NaN included): they are zeroed in
 // shared memory before use.
 cudaError_t mla_decode_split(const void* q, const void* cache, int num_pages, int64_t page_stride,
                              const int* block_table, int bt_stride, const int* cache_seqlens, const int* items,
-                             int max_items, int B, int s_q, int H, float softmax_scale, bool causal,
-                             float* o_partial, float* lse_partial, cudaStream_t stream);
+                             const int* item_offsets, const int* bad, int max_items, int B, int s_q, int H,
+                             float softmax_scale, bool causal, float* o_partial, float* lse_partial, void* out,
+                             float* lse, cudaStream_t stream);
 
-// Combine pass: merges items item_offsets[b] .. item_offsets[b+1]-1 (contiguous, at least one each) of
-// batch b: m = max lse_i, w_i = exp(lse_i - m), out = sum w_i o_i / sum w_i, lse = m + ln(sum w_i).
+// Combine pass, after the split pass: for every batch b of two or more items, merges items
+// item_offsets[b] .. item_offsets[b+1]-1 (contiguous); batches of one item are skipped (finished by the
+// split pass): m = max lse_i, w_i = exp(lse_i - m), out = sum w_i o_i / sum w_i, lse = m + ln(sum w_i).
 // Runs on any CUDA device (no Hopper-only code).
 //   o_partial, lse_partial   as written by mla_decode_split (o_partial 16-byte aligned).
 //   item_offsets             int32 [B + 1], non-decreasing.

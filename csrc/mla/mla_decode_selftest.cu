@@ -164,6 +164,17 @@ void check_schedule(const Case& c, const Problem& p, int num_parts, const std::v
   if (!ok) std::exit(1);
 }
 
+// Outputs and workspaces to NaN before a run.
+void poison(const Problem& p) {
+  __nv_bfloat16_raw nan_raw;
+  nan_raw.x = 0x7FC0;
+  fill_bits<<<1024, 256>>>(p.out, size_t(p.B) * p.rows * DV, __nv_bfloat16(nan_raw));
+  fill_bits<<<1024, 256>>>(p.o_part, size_t(p.max_items) * p.rows * DV, NAN);
+  fill_bits<<<1024, 256>>>(p.lse_part, size_t(p.max_items) * p.rows, NAN);
+  fill_bits<<<1024, 256>>>(p.lse, size_t(p.B) * p.rows, NAN);
+  CHECK_CUDA(cudaGetLastError());
+}
+
 // Items: each batch's blocks split into `splits` near-equal ranges, then one unused slot. With
 // splits = 0, the split of dskernels.mla.schedule for this GPU: num_parts = SMs / m-blocks, each batch
 // cut into round(blocks / quota) (at least 1) items of ceil(blocks / items) blocks, num_parts + B slots.
@@ -236,11 +247,7 @@ Problem make_problem(const Case& c, std::mt19937& rng) {
   fill_bits<<<1024, 256>>>(p.cache, cache_elems, __nv_bfloat16(nan_raw));
   for (int b = 0; b < p.B; ++b)
     fill_cache<<<std::min(c.seqlens[b], 4096), 128>>>(p.cache, p.page_stride, p.bt, p.bt_stride, b, c.seqlens[b], seed + 1);
-  fill_bits<<<1024, 256>>>(p.out, size_t(p.B) * p.rows * DV, __nv_bfloat16(nan_raw));
-  fill_bits<<<1024, 256>>>(p.o_part, size_t(p.max_items) * p.rows * DV, NAN);
-  fill_bits<<<1024, 256>>>(p.lse_part, size_t(p.max_items) * p.rows, NAN);
-  fill_bits<<<1024, 256>>>(p.lse, size_t(p.B) * p.rows, NAN);
-  CHECK_CUDA(cudaGetLastError());
+  poison(p);
   return p;
 }
 
@@ -250,10 +257,14 @@ void free_problem(Problem& p) {
     cudaFree(ptr);
 }
 
+cudaError_t split(const Case& c, const Problem& p) {
+  return dskernels::mla_decode_split(p.q, p.cache, p.num_pages, p.page_stride, p.bt, p.bt_stride, p.seqlens, p.items,
+                                     p.offsets, nullptr, p.max_items, p.B, c.s_q, c.H, c.scale, c.causal, p.o_part,
+                                     p.lse_part, p.out, p.lse, nullptr);
+}
+
 cudaError_t run(const Case& c, const Problem& p) {
-  cudaError_t err = dskernels::mla_decode_split(p.q, p.cache, p.num_pages, p.page_stride, p.bt, p.bt_stride,
-                                                p.seqlens, p.items, p.max_items, p.B, c.s_q, c.H, c.scale, c.causal,
-                                                p.o_part, p.lse_part, nullptr);
+  cudaError_t err = split(c, p);
   if (err != cudaSuccess) return err;
   return dskernels::mla_decode_combine(p.o_part, p.lse_part, p.offsets, nullptr, p.B, c.s_q, c.H, p.out, p.lse,
                                        nullptr);
@@ -301,8 +312,9 @@ int check_case(const Case& c, std::mt19937& rng) {
     const double rel = max_err / std::max(max_ref, 1e-20);
     const bool ok = err == cudaSuccess && nonfinite == 0 && lse_bad == 0 && rel <= 1.5e-2;
     failed += !ok;
-    std::printf("%s B=%d s_q=%d H=%d causal=%d splits=%d%s scale=%.3f pad=%d seqlens=[", ok ? "PASS" : "FAIL", p.B, c.s_q, c.H, int(c.causal), c.splits, c.empty_items ? "+empty" : "", c.scale,
-                c.page_pad);
+    std::printf("%s B=%d s_q=%d H=%d causal=%d splits=%d%s scale=%.3f pad=%d seqlens=[",
+                ok ? "PASS" : "FAIL", p.B, c.s_q, c.H, int(c.causal), c.splits, c.empty_items ? "+empty" : "",
+                c.scale, c.page_pad);
     for (size_t i = 0; i < c.seqlens.size(); ++i) std::printf(i ? ",%d" : "%d", c.seqlens[i]);
     std::printf("] rel_err=%.3e lse_err=%.3e nonfinite=%zu lse_bad=%zu%s%s\n", rel, max_lse_err, nonfinite, lse_bad,
                 err == cudaSuccess ? "" : " launch: ", err == cudaSuccess ? "" : cudaGetErrorString(err));
@@ -370,13 +382,11 @@ int bench() {
     const double roof = std::max(bytes / 3.0e12, flops / 755e12);
     CHECK_CUDA(run(c, p));
     CHECK_CUDA(cudaDeviceSynchronize());
-    std::vector<float> total, split;
+    std::vector<float> total, split_only;
     for (int r = 0; r < 30; ++r) {
       CHECK_CUDA(cudaMemsetAsync(flush, r, flush_bytes));
       CHECK_CUDA(cudaEventRecord(e0));
-      CHECK_CUDA(dskernels::mla_decode_split(p.q, p.cache, p.num_pages, p.page_stride, p.bt, p.bt_stride, p.seqlens,
-                                             p.items, p.max_items, p.B, c.s_q, c.H, c.scale, c.causal, p.o_part,
-                                             p.lse_part, nullptr));
+      CHECK_CUDA(split(c, p));
       CHECK_CUDA(cudaEventRecord(e1));
       CHECK_CUDA(dskernels::mla_decode_combine(p.o_part, p.lse_part, p.offsets, nullptr, p.B, c.s_q, c.H, p.out,
                                                p.lse, nullptr));
@@ -385,12 +395,12 @@ int bench() {
       float ms_split = 0.0f, ms_total = 0.0f;
       CHECK_CUDA(cudaEventElapsedTime(&ms_split, e0, e1));
       CHECK_CUDA(cudaEventElapsedTime(&ms_total, e0, e2));
-      split.push_back(ms_split);
+      split_only.push_back(ms_split);
       total.push_back(ms_total);
     }
-    std::sort(split.begin(), split.end());
+    std::sort(split_only.begin(), split_only.end());
     std::sort(total.begin(), total.end());
-    const double t = total[total.size() / 2] / 1e3, t_split = split[split.size() / 2] / 1e3;
+    const double t = total[total.size() / 2] / 1e3, t_split = split_only[split_only.size() / 2] / 1e3;
     std::printf("B=%d L=%d H=%d s_q=%d items=%d: %7.1f us (split %7.1f us), %4.0f TFLOPS, %5.0f GB/s, "
                 "%.2f of roofline\n",
                 B, seq, H, s_q, p.max_items, t * 1e6, t_split * 1e6, flops / t / 1e12, bytes / t / 1e9, roof / t);

@@ -5,8 +5,9 @@ dskernels.mla.schedule) and BLOCK_H query rows (row = i * H + h for query token 
 cache block is loaded once as [64, 576] and used twice: all 576 dims for the scores and the first
 512 as the values, so the latent cache is read once per head block and never up-projected (the FP8
 cache is dequantized to bf16 in registers, exactly as the reference does it). Online
-softmax in fp32 (exp2, log2(e) folded into the scale), P in bf16 for the P @ V product. A second
-kernel merges the items of each batch by their log-sum-exps.
+softmax in fp32 (exp2, log2(e) folded into the scale), P in bf16 for the P @ V product. A batch with
+a single item is finished by its program (out and lse written directly); a second kernel merges the
+items of the other batches by their log-sum-exps.
 """
 import torch
 import triton
@@ -18,9 +19,22 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _mla_split_kernel(q_ptr, cache_ptr, bt_ptr, seqlens_ptr, items_ptr, o_ptr, lse_ptr, num_pages,
-                      page_stride, bt_stride, rows, H, S_Q, scale_log2, CAUSAL: tl.constexpr,
-                      FP8_CACHE: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE: tl.constexpr):
+def _store_final(out_ptr, lse_out_ptr, bad_ptr, b, r, r_ok, out, lse, rows, H, S_Q, EMULATE: tl.constexpr):
+    """A batch's finished rows r: out [B, rows, 512] bf16, lse [B, H, S_Q]; NaN where the scheduler
+    flagged the batch (bad)."""
+    bad = tl.load(bad_ptr + b) != 0
+    out = tl.where(bad, float("nan"), out)
+    lse = tl.where(bad, float("nan"), lse)
+    c = tl.arange(0, 512)
+    tl.store(out_ptr + (b * rows + r).to(tl.int64)[:, None] * 512 + c[None, :], to_bf16(out, EMULATE),
+             mask=r_ok[:, None])
+    tl.store(lse_out_ptr + (b * H + r % H) * S_Q + r // H, lse, mask=r_ok)
+
+
+@triton.jit
+def _mla_split_kernel(q_ptr, cache_ptr, bt_ptr, seqlens_ptr, items_ptr, offsets_ptr, bad_ptr, o_ptr, lse_ptr,
+                      out_ptr, lse_out_ptr, num_pages, page_stride, bt_stride, rows, H, S_Q, scale_log2,
+                      CAUSAL: tl.constexpr, FP8_CACHE: tl.constexpr, BLOCK_H: tl.constexpr, EMULATE: tl.constexpr):
     item, hb = tl.program_id(0), tl.program_id(1)
     b = tl.load(items_ptr + item * 3)
     used = b >= 0  # unused slots of the fixed-size work list have b = -1 and no blocks
@@ -78,9 +92,12 @@ def _mla_split_kernel(q_ptr, cache_ptr, bt_ptr, seqlens_ptr, items_ptr, o_ptr, l
     seen = l > 0
     out = acc / tl.where(seen, l, 1.0)[:, None]
     lse = tl.where(seen, (m + tl.log2(tl.where(seen, l, 1.0))) / 1.4426950408889634, float("-inf"))
-    o_row = (item * rows + r).to(tl.int64)
-    tl.store(o_ptr + o_row[:, None] * 512 + c[None, :], out, mask=r_ok[:, None])
-    tl.store(lse_ptr + o_row, lse, mask=r_ok)
+    if tl.load(offsets_ptr + b + 1) - tl.load(offsets_ptr + b) == 1:  # the batch's only item: finished
+        _store_final(out_ptr, lse_out_ptr, bad_ptr, b, r, r_ok, out, lse, rows, H, S_Q, EMULATE)
+    else:
+        o_row = (item * rows + r).to(tl.int64)
+        tl.store(o_ptr + o_row[:, None] * 512 + c[None, :], out, mask=r_ok[:, None])
+        tl.store(lse_ptr + o_row, lse, mask=r_ok)
 
 
 @triton.jit
@@ -106,33 +123,28 @@ def append_to_cache(cache, block_table, cache_seqlens, kv_latent, k_rope):
 def _mla_combine_kernel(o_ptr, lse_ptr, offsets_ptr, bad_ptr, out_ptr, lse_out_ptr, rows, H, S_Q,
                         BLOCK_R: tl.constexpr, EMULATE: tl.constexpr):
     b, rb = tl.program_id(0), tl.program_id(1)
-    r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < rows
-    c = tl.arange(0, 512)
     first = tl.load(offsets_ptr + b)
     last = tl.load(offsets_ptr + b + 1)
-    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    for it in range(first, last):
-        m = tl.maximum(m, tl.load(lse_ptr + it * rows + r, mask=r_ok, other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, 512], dtype=tl.float32)
-    for it in range(first, last):
-        w = tl.exp(tl.load(lse_ptr + it * rows + r, mask=r_ok, other=float("-inf")) - m_safe)
-        den += w
-        o = tl.load(o_ptr + (it * rows + r).to(tl.int64)[:, None] * 512 + c[None, :], mask=r_ok[:, None],
-                    other=0.0)
-        acc += w[:, None] * o
-    seen = den > 0
-    out = acc / tl.where(seen, den, 1.0)[:, None]
-    lse = tl.where(seen, m_safe + tl.log(tl.where(seen, den, 1.0)), float("-inf"))
-    bad = tl.load(bad_ptr + b) != 0
-    out = tl.where(bad, float("nan"), out)
-    lse = tl.where(bad, float("nan"), lse)
-    tl.store(out_ptr + (b * rows + r).to(tl.int64)[:, None] * 512 + c[None, :], to_bf16(out, EMULATE),
-             mask=r_ok[:, None])
-    h, i = r % H, r // H
-    tl.store(lse_out_ptr + (b * H + h) * S_Q + i, lse, mask=r_ok)
+    if last - first > 1:  # a batch of one item was finished by the split kernel
+        r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = r < rows
+        c = tl.arange(0, 512)
+        m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+        for it in range(first, last):
+            m = tl.maximum(m, tl.load(lse_ptr + it * rows + r, mask=r_ok, other=float("-inf")))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        den = tl.zeros([BLOCK_R], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_R, 512], dtype=tl.float32)
+        for it in range(first, last):
+            w = tl.exp(tl.load(lse_ptr + it * rows + r, mask=r_ok, other=float("-inf")) - m_safe)
+            den += w
+            o = tl.load(o_ptr + (it * rows + r).to(tl.int64)[:, None] * 512 + c[None, :], mask=r_ok[:, None],
+                        other=0.0)
+            acc += w[:, None] * o
+        seen = den > 0
+        out = acc / tl.where(seen, den, 1.0)[:, None]
+        lse = tl.where(seen, m_safe + tl.log(tl.where(seen, den, 1.0)), float("-inf"))
+        _store_final(out_ptr, lse_out_ptr, bad_ptr, b, r, r_ok, out, lse, rows, H, S_Q, EMULATE)
 
 
 def head_block(rows: int) -> int:
@@ -150,8 +162,8 @@ def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale, causal, work
     rows = s_q * H
     block_h = head_block(rows)
     _mla_split_kernel[(items.shape[0], triton.cdiv(rows, block_h))](
-        q, cache, block_table, cache_seqlens, items, o_part, lse_part, cache.shape[0], cache.stride(0),
-        block_table.stride(0), rows, H, s_q, softmax_scale * LOG2E, CAUSAL=causal,
+        q, cache, block_table, cache_seqlens, items, offsets, bad, o_part, lse_part, out, lse, cache.shape[0],
+        cache.stride(0), block_table.stride(0), rows, H, s_q, softmax_scale * LOG2E, CAUSAL=causal,
         FP8_CACHE=cache.dtype == torch.uint8, BLOCK_H=block_h,
         EMULATE=EMULATE_CASTS, num_warps=8, num_stages=2)
     block_r = 16
