@@ -335,6 +335,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
     };
 
+    // This thread's 4-byte slot for fragment columns 8 * unit + quad_col, +1 of row r in a 64 x 64 bf16 tile
+    // with the TMA 128-byte swizzle (16-byte unit `unit` of the row lands at unit ^ (r % 8)).
+    auto swizzled_slot = [&](uint8_t* tile, int r, int unit) {
+      return reinterpret_cast<uint32_t*>(tile + r * 128 + ((unit ^ (r & 7)) * 16) + 4 * (lane % 4));
+    };
+
     // Writes P (times `scale` per row when given) into the own buffer's chunk-8 slot as a 64 x 64 bf16
     // K-major tile with the TMA 128-byte swizzle (conflict-free: a warp's 8 rows hit 8 different chunks).
     auto store_p = [&](const float* scale) {
@@ -349,7 +355,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             const __nv_bfloat162 pair = __floats2bfloat162_rn(s[4 * j + 2 * h] * scale[h], s[4 * j + 2 * h + 1] * scale[h]);
             bits = *reinterpret_cast<const uint32_t*>(&pair);
           }
-          *reinterpret_cast<uint32_t*>(tile + r * 128 + ((j ^ (r & 7)) * 16) + 4 * (lane % 4)) = bits;
+          *swizzled_slot(tile, r, j) = bits;
         }
       }
       fence_proxy_async_smem();  // generic-proxy stores -> visible to the other warpgroup's wgmma
@@ -560,8 +566,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const __nv_bfloat162 pair =
               poisoned ? __floats2bfloat162_rn(NAN, NAN)
                        : __floats2bfloat162_rn(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
-          uint8_t* chunk = s_q + (4 * wg + j / 8) * kChunkBytes;
-          *reinterpret_cast<__nv_bfloat162*>(chunk + r * 128 + (((j % 8) ^ (r & 7)) * 16) + 4 * (lane % 4)) = pair;
+          *reinterpret_cast<__nv_bfloat162*>(swizzled_slot(s_q + (4 * wg + j / 8) * kChunkBytes, r, j % 8)) = pair;
         }
         const int row = m_block * kMlaRowsPerCta + r;
         if (wg == 0 && lane % 4 == 0 && row < p.rows)
