@@ -2,8 +2,9 @@
 
 No PyTorch headers are involved, so the build takes seconds per file and the module works with any
 torch version. Without nvcc, or with DSKERNELS_NO_CUDA=1, the pure-Python package is installed
-(Triton and reference backends). When nvcc is found, a compile error fails the install: CI relies on
-that as its compile check (and sets DSKERNELS_REQUIRE_CUDA=1 so a missing nvcc fails too).
+(Triton and reference backends) and dskernels/_build_info.py records why, for `python -m dskernels
+info`. When nvcc is found, a compile error fails the install: CI relies on that as its compile check
+(and sets DSKERNELS_REQUIRE_CUDA=1 so a missing nvcc fails too).
 """
 import os
 import shutil
@@ -17,10 +18,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-GENCODE = [
-    "-gencode=arch=compute_90a,code=sm_90a",  # wgmma, setmaxnreg, TMA: the Hopper kernels
-    "-gencode=arch=compute_80,code=compute_80",  # portable PTX: the quantization kernels elsewhere
-]
+# wgmma, setmaxnreg, TMA: every kernel is built for Hopper alone (dskernels.backend.SUPPORT says so too).
+GENCODE = ["-gencode=arch=compute_90a,code=sm_90a"]
 
 
 def find_nvcc():
@@ -65,16 +64,27 @@ class NvccBuild(build_ext):
         subprocess.run(link, check=True)
 
 
+def record_build(not_built):
+    """dskernels/_build_info.py tells `python -m dskernels info` why the extension is missing (pip hides
+    this script's output)."""
+    text = ('"""Written by setup.py at install time."""\n'
+            f"EXTENSION_NOT_BUILT = {not_built!r}  # None: dskernels._C was built\n")
+    (ROOT / "dskernels" / "_build_info.py").write_text(text)
+
+
 ext_modules, cmdclass = [], {}
 if find_nvcc():
     sources = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*.cu")
                      if not p.name.endswith("_selftest.cu"))
     ext_modules = [Extension("dskernels._C", sources)]
     cmdclass = {"build_ext": NvccBuild}
+    record_build(None)
 elif os.environ.get("DSKERNELS_REQUIRE_CUDA") == "1":
     sys.exit("dskernels: DSKERNELS_REQUIRE_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
 else:
-    print("dskernels: nvcc not found (or DSKERNELS_NO_CUDA=1): installing without the CUDA extension",
-          file=sys.stderr)
+    why = ("DSKERNELS_NO_CUDA=1 was set at install time" if os.environ.get("DSKERNELS_NO_CUDA") == "1" else
+           "nvcc was not found at install time (put it on PATH or set CUDA_HOME, then reinstall)")
+    record_build(why)
+    print(f"dskernels: installing without the CUDA extension: {why}", file=sys.stderr)
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

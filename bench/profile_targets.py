@@ -24,7 +24,7 @@ def launches():
         q = torch.randn(B, 1, H, 576, device="cuda").to(torch.bfloat16)
         for backend in ("cuda", "triton"):
             yield lambda q=q, c=cache, t=table, n=lens, be=backend: mla.mla_decode(
-                q, c, t, n, ref.softmax_scale(), validate=False, backend=be)
+                q, c, t, n, ref.softmax_scale(), backend=be)
     x = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16)
     yield lambda: dskernels.per_token_group_quant(x)
 

@@ -74,7 +74,7 @@ def test_mla_decode(report, shape, backend):
         more["unabsorbed"] = lambda: torch_unabsorbed(q_nope, q[..., 512:], cache, block_table, wkv_b, scale)
     md = mla.get_mla_metadata(lens, block_table, cache.shape[0], s_q, H)
     report(op="mla_decode", backend=backend, shape={"B": B, "L": L, "H": H, "s_q": s_q},
-           fn=lambda: mla.mla_decode(q, cache, block_table, lens, scale, metadata=md, validate=False,
+           fn=lambda: mla.mla_decode(q, cache, block_table, lens, scale, metadata=md,
                                      backend=backend),
            flops=2 * B * s_q * H * L * (576 + 512), bytes_moved=B * L * 576 * 2 + q.numel() * 2 + B * s_q * H * 512 * 2,
            bound="roofline", peer="plain PyTorch absorbed (gather + bmm)",
@@ -91,12 +91,12 @@ def test_mla_decode_fp8_cache(report, shape):
     scale = ref.softmax_scale()
     md = mla.get_mla_metadata(lens, block_table, cache.shape[0], s_q, H)
     report(op="mla_decode_fp8_cache", backend="triton", shape={"B": B, "L": L, "H": H, "s_q": s_q},
-           fn=lambda: mla.mla_decode(q, cache, block_table, lens, scale, metadata=md, validate=False,
+           fn=lambda: mla.mla_decode(q, cache, block_table, lens, scale, metadata=md,
                                      backend="triton"),
            flops=2 * B * s_q * H * L * (576 + 512),
            bytes_moved=B * L * ref.FP8_CACHE_BYTES + q.numel() * 2 + B * s_q * H * 512 * 2,
            bound="roofline", peer="Triton over the bf16 cache",
-           peer_fn=lambda: mla.mla_decode(q, cache_bf16, block_table, lens, scale, metadata=md, validate=False,
+           peer_fn=lambda: mla.mla_decode(q, cache_bf16, block_table, lens, scale, metadata=md,
                                           backend="triton"))
 
 

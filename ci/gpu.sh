@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Everything on a GPU machine in one call: build the extension in place, run the CUDA kernels'
-# self-tests, the conformance suite on the GPU and the benchmarks, and write results and logs into
-# RESULTS_DIR. A device call has 10 minutes: pass a subset of the phases to split the work.
+# self-tests, compute-sanitizer over them, the conformance suite on the GPU and the benchmarks, and
+# write results and logs into RESULTS_DIR (a few files: build.log, info.txt, selftest.log,
+# sanitize.log, conformance.log, bench.*). Each phase stays under 6 minutes; pass a subset of them to fit
+# a machine that allows one command only so long.
 #   ci/gpu.sh RESULTS_DIR [PHASES] [BENCH_FILTER]
-#   PHASES: comma-separated from build,selftest,sweep,conformance,bench (default: all but sweep)
+#   PHASES: comma-separated from build,selftest,sanitize,sweep,conformance,bench (default: all but sweep)
 #   BENCH_FILTER: a pytest -k expression for the benchmarks
 set -uo pipefail
 out=${1:?usage: ci/gpu.sh RESULTS_DIR [PHASES] [BENCH_FILTER]}
-phases=${2:-build,selftest,conformance,bench}
+phases=${2:-build,selftest,sanitize,conformance,bench}
 filter=${3:-}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
@@ -25,14 +27,15 @@ if has build; then
   echo "SASS: $(cuobjdump -sass "$so" | grep -c QGMMA) QGMMA, $(cuobjdump -sass "$so" | grep -c HGMMA) HGMMA" | tee -a "$out/info.txt"
 fi
 
-if has selftest || has sweep; then
+if has selftest || has sanitize || has sweep; then
   echo "== CUDA self-tests (csrc/**/*_selftest.cu: each kernel against a naive kernel, many shapes)"
   srcs=$(find csrc -name '*_selftest.cu' | sort)
   for src in $srcs; do  # compile in parallel, run one at a time
-    (nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc "${src%_selftest.cu}.cu" "$src" \
-       -o "/tmp/$(basename "$src" .cu)" >"$out/$(basename "$src" .cu).build.log" 2>&1) &
+    (nvcc -std=c++17 -O3 -lineinfo -gencode=arch=compute_90a,code=sm_90a -Icsrc "${src%_selftest.cu}.cu" "$src" \
+       -o "/tmp/$(basename "$src" .cu)" >"/tmp/$(basename "$src" .cu).build.log" 2>&1) &
   done
   wait
+  cat /tmp/*_selftest.build.log >>"$out/selftest.log"
 fi
 if has selftest; then
   for src in $srcs; do
@@ -40,12 +43,42 @@ if has selftest; then
     if [ -x "$exe" ]; then
       timeout 300 "$exe" >>"$out/selftest.log" 2>&1; rc=$?  # 124: a hang (a barrier never completes)
     else
-      cat "$out/$(basename "$src" .cu).build.log" >>"$out/selftest.log"; rc=1
+      echo "$src did not build (its log is above)" >>"$out/selftest.log"; rc=1
     fi
     echo "$src: exit $rc" | tee -a "$out/selftest.log"
     grep -E "cases failed" "$out/selftest.log" | tail -1
     [ "$rc" -eq 0 ] || status=1
   done
+fi
+if has sanitize; then
+  # compute-sanitizer over the self-tests' small "sanitize" cases (no torch in the process): memcheck,
+  # racecheck and synccheck filtered to the project's kernels (the self-tests' reference and fill kernels
+  # are not checked); initcheck over every kernel, since it learns what is initialized only from the
+  # kernels it instruments (filtered, it takes the fill kernels' writes for missing ones). The three
+  # self-tests side by side, their four tools one after another.
+  echo "== compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over the self-tests"
+  sanitize_one() {  # $1: self-test executable, $2: kernel-name substring
+    for tool in memcheck racecheck synccheck initcheck; do
+      local start=$SECONDS log="/tmp/sanitize-$(basename "$1").log" filter=(--kernel-name "kns=$2") what=$2
+      [ "$tool" = initcheck ] && { filter=(); what="(all)"; }
+      echo "--- $tool (kernels matching $what)" >>"$log"
+      timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 9 \
+        "$1" sanitize >>"$log" 2>&1
+      local rc=$? summary
+      summary=$(tail -4 "$log" | grep -E "SUMMARY" | tr -s ' =' ' ' | tr '\n' ';')
+      echo "$tool $(basename "$1"): exit $rc in $((SECONDS - start)) s:${summary:- no summary line}" >>"$log"
+      [ "$rc" -eq 0 ] || echo "$tool $(basename "$1") FAILED" >>/tmp/sanitize-failed
+    done
+  }
+  rm -f /tmp/sanitize-*
+  for src in $srcs; do
+    case $src in *gemm*) kernels=fp8_gemm_kernel ;; *mla*) kernels=mla_ ;; *) kernels=quant ;; esac
+    sanitize_one "/tmp/$(basename "$src" .cu)" "$kernels" &
+  done
+  wait
+  cat /tmp/sanitize-*_selftest.log >"$out/sanitize.log"
+  grep -E "^(memcheck|racecheck|synccheck|initcheck) " "$out/sanitize.log"
+  [ -e /tmp/sanitize-failed ] && status=1
 fi
 if has sweep; then
   echo "== FP8 GEMM config sweep (every compiled config on the DeepSeek-V3 shapes)"
@@ -56,13 +89,14 @@ if has conformance; then
   echo "== conformance (one pytest process per file, side by side on the GPU)"
   for f in conformance/test_*.py; do
     name=$(basename "$f" .py)
-    timeout 420 python3 -m pytest "$f" -v -rfE --durations=5 -p no:cacheprovider >"$out/$name.log" 2>&1 &
+    timeout 420 python3 -m pytest "$f" -v -rfE --durations=5 -p no:cacheprovider >"/tmp/$name.log" 2>&1 &
   done
   for job in $(jobs -p); do wait "$job" || status=1; done
   for f in conformance/test_*.py; do
     name=$(basename "$f" .py)
-    echo "$name: $(tail -1 "$out/$name.log")"
-    grep -E "^(FAILED|ERROR) " "$out/$name.log" | cut -c1-300
+    cat "/tmp/$name.log" >>"$out/conformance.log"
+    echo "$name: $(tail -1 "/tmp/$name.log")"
+    grep -E "^(FAILED|ERROR) " "/tmp/$name.log" | cut -c1-300
   done
 fi
 

@@ -1,9 +1,11 @@
 """Fixtures shared by the conformance suites: the device, the backends that can run here, fresh
-random inputs with outliers, and poisoned outputs.
+random inputs with outliers, poisoned outputs, and deterministic seeds.
 
 On a CPU machine the reference always runs, and the Triton kernels run when TRITON_INTERPRET=1 is
 set (as .ci/run does); on a GPU every available backend runs on the GPU.
 """
+import zlib
+
 import pytest
 import torch
 
@@ -15,21 +17,67 @@ ON_GPU = DEVICE.type == "cuda"
 
 gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
 
+# Two fills for every output and workspace an op allocates (dskernels.poison_outputs): 0xFF is NaN in
+# every float type and -1 in every integer type; 0x5A is a large finite float, a plausible e4m3 value
+# (20.0) and a large integer. A checked call runs under both and must give identical bits: an element
+# that a kernel never writes differs between the two runs, whatever values the op can produce.
+POISONS = (0xFF, 0x5A)
 
-def backends_for(min_capability):
-    """pytest params: every backend, skipped with its reason where it cannot run here."""
+
+def backends_for(op):
+    """pytest params: every backend, skipped with its reason where it cannot run `op` here."""
     params = []
     for name in _backend.BACKENDS:
-        reason = _backend.why_unavailable(name, DEVICE, min_capability)
+        reason = _backend.why_unavailable(op, name, DEVICE)
         params.append(pytest.param(name, id=name, marks=pytest.mark.skipif(reason is not None, reason=str(reason))))
     return params
+
+
+def available(params):
+    """The backend names among backends_for's params that run here."""
+    return [p.values[0] for p in params if not p.marks[0].args[0]]
 
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs():
     """Every output an op allocates starts as NaN bytes: an element a kernel forgets stays NaN."""
-    with dskernels.poison_outputs():
+    with dskernels.poison_outputs(POISONS[0]):
         yield
+
+
+def _flatten(result):
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [t for r in result for t in _flatten(r)]
+    return [result]
+
+
+def twice_poisoned(fn):
+    """fn() under each poison in POISONS; the results (tensors, or tuples of them and plain values)
+    must be identical bit for bit. Returns the first."""
+    results = []
+    for byte in POISONS:
+        with dskernels.poison_outputs(byte):
+            results.append(fn())
+    first, second = _flatten(results[0]), _flatten(results[1])
+    assert len(first) == len(second)
+    for i, (x, y) in enumerate(zip(first, second)):
+        if isinstance(x, torch.Tensor):
+            same = x.shape == y.shape and torch.equal(x.contiguous().view(torch.uint8).cpu(),
+                                                      y.contiguous().view(torch.uint8).cpu())
+            if not same:
+                diff = (x.contiguous().view(torch.uint8) != y.contiguous().view(torch.uint8)).sum().item()
+                raise AssertionError(f"output {i} depends on the poison: {diff} bytes differ between runs with "
+                                     f"fill bytes {POISONS[0]:#x} and {POISONS[1]:#x} (elements left unwritten)")
+        else:
+            assert x == y, f"output {i}: {x!r} != {y!r}"
+    return results[0]
+
+
+def seed_of(*parts) -> int:
+    """A seed from a test's parameters that is the same in every process (unlike hash() of a str)."""
+    return zlib.crc32(repr(parts).encode())
 
 
 def random_input(shape, dtype=torch.bfloat16, seed=0, device=DEVICE, outliers=True):

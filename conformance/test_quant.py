@@ -1,6 +1,5 @@
-"""FP8 quantization: every backend produces the reference's bytes and scales exactly."""
-import subprocess
-import sys
+"""FP8 quantization: every backend produces the reference's bytes and scales exactly, every output
+written (each checked call runs under two poisons and must give the same bits)."""
 
 import pytest
 import torch
@@ -8,13 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dskernels
-from conformance.conftest import DEVICE, ON_GPU, backends_for, gpu_only, random_input
+from conformance.conftest import DEVICE, ON_GPU, backends_for, gpu_only, random_input, seed_of, twice_poisoned
 from conformance.tolerances import (assert_same_float, assert_same_fp8, e4m3_roundtrip_bound)
-from dskernels.quant import MIN_CAPABILITY
 from dskernels.reference import quant as ref
 from dskernels.shapes import QUANT_ACTIVATIONS, QUANT_ODD, QUANT_WEIGHTS
 
-BACKENDS = backends_for(MIN_CAPABILITY)
+# Every quantization op has the same support (dskernels.backend.SUPPORT); the transposed and block
+# variants are parametrized from their own entries where they differ in name only.
+BACKENDS = backends_for("per_token_group_quant")
 SHAPES = QUANT_ODD + (QUANT_ACTIVATIONS if ON_GPU else [])
 WEIGHT_SHAPES = QUANT_ODD + (QUANT_WEIGHTS if ON_GPU else [])
 DTYPES = [torch.bfloat16, torch.float32, torch.float16]
@@ -42,8 +42,8 @@ def limit_values() -> torch.Tensor:
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_per_token_group_matches_reference(backend, shape, dtype):
-    x = random_input(shape, dtype, seed=hash((shape, str(dtype))) % 2**31)
-    q, s = dskernels.per_token_group_quant(x, backend=backend)
+    x = random_input(shape, dtype, seed=seed_of(shape, str(dtype)))
+    q, s = twice_poisoned(lambda: dskernels.per_token_group_quant(x, backend=backend))
     q_ref, s_ref = ref.per_token_group_quant(x.cpu())
     assert s.shape == (shape[0], ref.cdiv(shape[1], 128))
     assert_same_fp8("q", q, q_ref)
@@ -55,8 +55,8 @@ def test_per_token_group_matches_reference(backend, shape, dtype):
 @pytest.mark.parametrize("scale_layout", ["row", "col"])
 def test_per_token_group_options(backend, pow2_scale, scale_layout):
     x = random_input((67, 300), torch.bfloat16, seed=7)
-    q, s = dskernels.per_token_group_quant(x, pow2_scale=pow2_scale, scale_layout=scale_layout,
-                                           backend=backend)
+    q, s = twice_poisoned(lambda: dskernels.per_token_group_quant(x, pow2_scale=pow2_scale,
+                                                                  scale_layout=scale_layout, backend=backend))
     q_ref, s_ref = ref.per_token_group_quant(x.cpu(), pow2_scale)
     assert_same_fp8("q", q, q_ref)
     assert_same_float("scale", s, s_ref)
@@ -71,7 +71,7 @@ def test_per_token_group_options(backend, pow2_scale, scale_layout):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_transposed_matches_reference(backend, shape):
     x = random_input(shape, torch.bfloat16, seed=11)
-    q_t, s = dskernels.per_token_group_quant_transposed(x, backend=backend)
+    q_t, s = twice_poisoned(lambda: dskernels.per_token_group_quant_transposed(x, backend=backend))
     q_ref, s_ref = ref.per_token_group_quant(x.cpu().t().contiguous())
     assert q_t.shape == (shape[1], shape[0]) and q_t.is_contiguous()
     assert_same_fp8("q_t", q_t, q_ref)
@@ -83,8 +83,8 @@ def test_transposed_matches_reference(backend, shape):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_transposed_options(backend, scale_layout, dtype):
     x = random_input((300, 130), dtype, seed=3)
-    q_t, s = dskernels.per_token_group_quant_transposed(x, pow2_scale=True, scale_layout=scale_layout,
-                                                        backend=backend)
+    q_t, s = twice_poisoned(lambda: dskernels.per_token_group_quant_transposed(
+        x, pow2_scale=True, scale_layout=scale_layout, backend=backend))
     q_ref, s_ref = ref.per_token_group_quant(x.cpu().t().contiguous(), pow2_scale=True)
     assert_same_fp8("q_t", q_t, q_ref)
     assert_same_float("scale", s, s_ref)
@@ -95,7 +95,7 @@ def test_transposed_options(backend, scale_layout, dtype):
 @pytest.mark.parametrize("pow2_scale", [False, True], ids=["amax_scale", "pow2_scale"])
 def test_per_block_matches_reference(backend, shape, pow2_scale):
     w = random_input(shape, torch.bfloat16, seed=5)
-    q, s = dskernels.per_block_quant(w, pow2_scale=pow2_scale, backend=backend)
+    q, s = twice_poisoned(lambda: dskernels.per_block_quant(w, pow2_scale=pow2_scale, backend=backend))
     q_ref, s_ref = ref.per_block_quant(w.cpu(), pow2_scale)
     assert s.shape == (ref.cdiv(shape[0], 128), ref.cdiv(shape[1], 128))
     assert_same_fp8("q", q, q_ref)
@@ -110,8 +110,8 @@ def test_dequant_matches_reference(backend, out_dtype, block_shape, shape):
     x = random_input(shape, torch.float32, seed=9)
     quant = ref.per_token_group_quant if block_shape == (1, 128) else ref.per_block_quant
     q, s = quant(x.cpu())
-    y = dskernels.dequant(q.to(DEVICE), s.to(DEVICE), block_shape=block_shape, out_dtype=out_dtype,
-                          backend=backend)
+    y = twice_poisoned(lambda: dskernels.dequant(q.to(DEVICE), s.to(DEVICE), block_shape=block_shape,
+                                                 out_dtype=out_dtype, backend=backend))
     assert_same_float("dequant", y.float(), ref.dequant(q, s, block_shape[0], out_dtype).float())
 
 
@@ -227,8 +227,10 @@ def test_bad_input_raises(fn):
         fn(good[:0])
     with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor"):
         fn([[1.0, 2.0]])
-    with pytest.raises(ValueError, match="backend='cuda' cannot run here" if not ON_GPU else "unknown backend"):
+    with pytest.raises(ValueError, match="backend='cuda' cannot run" if not ON_GPU else "unknown backend"):
         fn(good, backend="cuda" if not ON_GPU else "cuBLAS")
+    with pytest.raises(TypeError, match="pow2_scale must be a bool"):
+        fn(good, pow2_scale="no")
 
 
 def test_bad_options_raise():
@@ -246,6 +248,8 @@ def test_bad_options_raise():
         dskernels.dequant(x, s)
     with pytest.raises(ValueError, match="block_shape must be one of"):
         dskernels.dequant(q, s, block_shape=(1, 64))
+    with pytest.raises(TypeError, match="block_shape must be a tuple"):
+        dskernels.dequant(q, s, block_shape=128)
     with pytest.raises(ValueError, match="out_dtype must be one of"):
         dskernels.dequant(q, s, out_dtype=torch.float16)
 
@@ -274,12 +278,18 @@ def test_ops_pass_torch_library_opcheck():
         torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
 
 
-def test_compiles_with_torch_compile():
-    x = random_input((3, 200), torch.bfloat16, device="cpu")
-    fn = torch.compile(lambda t: dskernels.per_token_group_quant(t, backend="reference"), fullgraph=True,
-                       backend="eager")
-    q, s = fn(x)
-    assert_same_fp8("q", q, ref.per_token_group_quant(x)[0])
+@pytest.mark.parametrize("backend", ["reference", *(["auto"] if ON_GPU else [])])
+def test_compiles_with_torch_compile_fullgraph(backend):
+    x = random_input((3, 200), torch.bfloat16)
+
+    def step(t):
+        q, s = dskernels.per_token_group_quant(t, scale_layout="col", backend=backend)
+        q_t, s_t = dskernels.per_token_group_quant_transposed(t, backend=backend)
+        w, w_s = dskernels.per_block_quant(t, backend=backend)
+        return q, s, q_t, s_t, w, w_s, dskernels.dequant(q, s, backend=backend)
+    got = torch.compile(step, fullgraph=True, backend="eager")(x)
+    for g, w in zip(got, step(x)):
+        assert torch.equal(g.contiguous().view(torch.uint8), w.contiguous().view(torch.uint8))
 
 
 @gpu_only
@@ -292,10 +302,3 @@ def test_cupy_arrays_go_through_the_same_kernels():
     assert_same_float("scale", s, s_ref)
     back = cp.from_dlpack(s)  # and back to CuPy without a copy
     assert back.shape == (100, 3) and int(back.data.ptr) == s.data_ptr()
-
-
-def test_info_command_lists_backends():
-    out = subprocess.run([sys.executable, "-m", "dskernels", "info"], capture_output=True, text=True,
-                         check=True).stdout
-    for name in ("reference", "triton", "cuda", "auto"):
-        assert f"  {name}" in out, out

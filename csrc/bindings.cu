@@ -65,13 +65,15 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("fp8_gemm", &fp8_gemm_binding);
   m.def("mla_decode_split", [](uintptr_t q, uintptr_t cache, int num_pages, int64_t page_stride,
-                               uintptr_t block_table, int bt_stride, uintptr_t seqlens, uintptr_t items,
-                               uintptr_t offsets, uintptr_t bad, int max_items, int B, int s_q, int H, float scale,
-                               bool causal, uintptr_t o_partial, uintptr_t lse_partial, uintptr_t out, uintptr_t lse,
+                               uintptr_t block_table, int bt_stride, int max_pages, uintptr_t seqlens, uintptr_t items,
+                               uintptr_t offsets, uintptr_t bad, uintptr_t made_seqlens, uintptr_t made_table_hash,
+                               uintptr_t error, int max_items, int B, int s_q, int H, float scale, bool causal,
+                               uintptr_t o_partial, uintptr_t lse_partial, uintptr_t out, uintptr_t lse,
                                uintptr_t st) {
-    check_kernel(mla_decode_split(ptr(q), ptr(cache), num_pages, page_stride, ptr<const int>(block_table),
-                                  bt_stride, ptr<const int>(seqlens), ptr<const int>(items), ptr<const int>(offsets),
-                                  ptr<const int>(bad), max_items, B, s_q, H, scale, causal, ptr<float>(o_partial),
+    check_kernel(mla_decode_split(ptr(q), ptr(cache), num_pages, page_stride, ptr<const int>(block_table), bt_stride,
+                                  max_pages, ptr<const int>(seqlens), ptr<const int>(items), ptr<const int>(offsets),
+                                  ptr<const int>(bad), ptr<const int>(made_seqlens), ptr<const int>(made_table_hash),
+                                  ptr<int>(error), max_items, B, s_q, H, scale, causal, ptr<float>(o_partial),
                                   ptr<float>(lse_partial), ptr(out), ptr<float>(lse), stream(st)),
                  "mla_decode_split");
   });
@@ -84,10 +86,12 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("mla_decode_schedule", [](uintptr_t seqlens, uintptr_t block_table, int bt_stride, int B, int max_pages,
                                   int num_pages, int s_q, int num_parts, uintptr_t items, uintptr_t offsets,
-                                  uintptr_t bad, uintptr_t st) {
+                                  uintptr_t bad, uintptr_t made_seqlens, uintptr_t made_table_hash, uintptr_t error,
+                                  uintptr_t st) {
     check_kernel(mla_decode_schedule(ptr<const int>(seqlens), ptr<const int>(block_table), bt_stride, B,
                                      max_pages, num_pages, s_q, num_parts, ptr<int>(items), ptr<int>(offsets),
-                                     ptr<int>(bad), stream(st)),
+                                     ptr<int>(bad), ptr<int>(made_seqlens), ptr<int>(made_table_hash),
+                                     ptr<int>(error), stream(st)),
                  "mla_decode_schedule");
   });
   m.def("quant_groups", [](uintptr_t x, int dtype, int rows, int cols, int64_t ld_x, uintptr_t q,

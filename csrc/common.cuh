@@ -26,6 +26,17 @@ inline void check_cuda(cudaError_t err, const char* what) {
 // Raise a kernel's launch error (bad config, missing image) as a Python RuntimeError.
 inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
 
+// The extension is compiled for sm_90a alone (dskernels.backend.SUPPORT says the same): refuse any other
+// device by name instead of failing at launch.
+inline void require_sm90(const char* what) {
+  int device = 0, major = 0;
+  check_cuda(cudaGetDevice(&device), what);
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), what);
+  if (major != 9)
+    throw std::runtime_error(std::string(what) + ": dskernels' CUDA kernels are built for sm_90a (compute "
+                             "capability 9.x) only; this GPU has " + std::to_string(major) + ".x");
+}
+
 __host__ __device__ inline int cdiv(int a, int b) { return (a + b - 1) / b; }
 
 __device__ __forceinline__ float to_float(float x) { return x; }

@@ -1,11 +1,14 @@
 """Which implementation runs an op: "reference" (plain PyTorch), "triton" or "cuda" (dskernels._C).
 
-"auto" picks CUDA on a GPU that meets the op's compute capability when the extension is built, else
-Triton on a GPU, else the reference. `python -m dskernels info` prints what is available and why not.
-Also here: the bridge from foreign arrays (CuPy, JAX: DLPack or __cuda_array_interface__) to torch,
-the integer stream handle the extension takes, and the output allocator (poisoned under test).
+SUPPORT says, per op, the GPUs (compute capabilities) each backend's kernels run on; the reference runs
+everywhere. `resolve` follows it: an explicit backend runs or raises, naming why it cannot; "auto" takes
+CUDA where it runs, else Triton on a GPU, else the reference, and never Triton's CPU interpreter.
+`python -m dskernels info` prints the same table for this machine. Also here: the bridge from foreign
+arrays (CuPy, JAX: DLPack or __cuda_array_interface__) to torch, the integer stream handle the
+extension takes, and the output allocator (poisoned under test).
 """
 import contextlib
+import ctypes
 import functools
 import os
 
@@ -13,19 +16,50 @@ import torch
 
 BACKENDS = ("reference", "triton", "cuda")
 
+
+def extension_missing_reason(error: ImportError) -> str:
+    """Why dskernels._C is missing: setup.py's record when it skipped the build (pip hides its output),
+    else the import error of a broken build."""
+    try:
+        from dskernels._build_info import EXTENSION_NOT_BUILT
+    except ImportError:
+        EXTENSION_NOT_BUILT = None
+    if EXTENSION_NOT_BUILT:
+        return f"the CUDA extension was not built: {EXTENSION_NOT_BUILT}"
+    return f"dskernels._C is not importable ({error})"
+
+
 try:
     import dskernels._C as _C
     _C_ERROR = None
-except ImportError as e:  # built without nvcc, or a broken build: say which in `info`
-    _C, _C_ERROR = None, f"dskernels._C not importable ({e})"
+except ImportError as e:  # built without nvcc, or a broken build: `info` says which
+    _C, _C_ERROR = None, extension_missing_reason(e)
 
 try:
     import triton  # noqa: F401
     _TRITON_ERROR = None
 except ImportError as e:
-    _TRITON_ERROR = f"triton not importable ({e})"
+    _TRITON_ERROR = f"triton is not importable ({e})"
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Compute-capability ranges (lowest, highest), inclusive; None: no upper limit.
+SM90 = ((9, 0), (9, 9))   # the CUDA kernels: compiled for sm_90a (wgmma, TMA) and nothing else
+FP8 = ((8, 9), None)      # Triton kernels on e4m3 tensors: FP8 conversions and tensor cores from Ada on
+BF16 = ((8, 0), None)     # Triton kernels on bf16/fp32 tensors only
+
+SUPPORT = {  # op -> {backend: capability range}; a backend not listed has no implementation of the op
+    "per_token_group_quant": {"cuda": SM90, "triton": FP8},
+    "per_token_group_quant_transposed": {"cuda": SM90, "triton": FP8},
+    "per_block_quant": {"cuda": SM90, "triton": FP8},
+    "dequant": {"cuda": SM90, "triton": FP8},
+    "fp8_gemm": {"cuda": SM90, "triton": FP8},
+    "mla_decode": {"cuda": SM90, "triton": BF16},
+    "mla_decode_fp8_cache": {"triton": FP8},
+    "get_mla_metadata": {"cuda": SM90},
+    "append_to_cache": {"triton": BF16},
+    "append_to_cache_fp8_cache": {"triton": FP8},
+}
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,45 +69,84 @@ def device_properties(index: int):
         return _C.device_info()
 
 
-def why_unavailable(backend: str, device: torch.device, min_capability=(9, 0), implemented=BACKENDS):
-    """None when `backend` can run an op on `device`, else the reason in a sentence."""
-    if backend in BACKENDS and backend not in implemented:
-        return f"this op has no {backend} implementation yet (it has {', '.join(implemented)})"
+@functools.lru_cache(maxsize=None)
+def _capability_of(index: int) -> tuple:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def capability(device: torch.device) -> tuple:
+    """(major, minor) of a CUDA device (cached per device index)."""
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _in_range(cap, rng) -> bool:
+    low, high = rng
+    return cap >= low and (high is None or cap <= high)
+
+
+def _range_text(rng) -> str:
+    low, high = rng
+    if high is None:
+        return f"compute capability {low[0]}.{low[1]} or newer"
+    if low[0] == high[0] and high[1] == 9:
+        return f"compute capability {low[0]}.x"
+    return f"compute capability {low[0]}.{low[1]} to {high[0]}.{high[1]}"
+
+
+def why_unavailable(op: str, backend: str, device: torch.device):
+    """None when `backend` can run `op` on tensors on `device`, else the reason in a sentence."""
+    if not isinstance(backend, str):
+        return f"backend must be a str, one of {BACKENDS + ('auto',)}; got {type(backend).__name__}"
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose from {BACKENDS + ('auto',)}"
     if backend == "reference":
         return None
+    support = SUPPORT[op]
+    if backend not in support:
+        have = ", ".join(["reference", *support])
+        return f"{op} has no {backend} implementation (it has {have})"
     if backend == "triton":
         if _TRITON_ERROR:
             return _TRITON_ERROR
-        if device.type == "cuda" or TRITON_INTERPRET:
-            return None
-        return "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
-    if backend == "cuda":
+        if device.type != "cuda":
+            return None if TRITON_INTERPRET else "tensors are on the CPU and TRITON_INTERPRET=1 is not set"
+    else:
         if _C is None:
             return _C_ERROR
         if device.type != "cuda":
             return "tensors are not on a CUDA device"
-        cap = torch.cuda.get_device_capability(device)
-        if cap < tuple(min_capability):
-            return f"needs compute capability {min_capability[0]}.{min_capability[1]}, GPU has {cap[0]}.{cap[1]}"
-        return None
-    return f"unknown backend {backend!r}; choose from {BACKENDS + ('auto',)}"
+    cap = capability(device)
+    if not _in_range(cap, support[backend]):
+        return f"its {backend} kernels need {_range_text(support[backend])}; this GPU has {cap[0]}.{cap[1]}"
+    return None
 
 
-def resolve(backend: str, device: torch.device, min_capability=(9, 0), implemented=BACKENDS,
-            auto_order=("cuda", "triton")) -> str:
-    """The backend that will run: `backend` itself if it can, else for "auto" the first of
-    auto_order that can, else the reference."""
+def resolve(op: str, backend: str, device: torch.device) -> str:
+    """The backend that will run `op`: `backend` itself if it can (else ValueError naming why), or for
+    "auto" CUDA, then Triton on a GPU, then the reference."""
     if backend == "auto":
         if device.type != "cuda":
-            return "reference"
-        for name in auto_order:
-            if why_unavailable(name, device, min_capability, implemented) is None:
+            return "reference"  # never the interpreter
+        for name in ("cuda", "triton"):
+            if why_unavailable(op, name, device) is None:
                 return name
         return "reference"
-    reason = why_unavailable(backend, device, min_capability, implemented)
+    reason = why_unavailable(op, backend, device)
     if reason:
-        raise ValueError(f"backend={backend!r} cannot run here: {reason}")
+        raise (TypeError if not isinstance(backend, str) else ValueError)(
+            f"backend={backend!r} cannot run {op} here: {reason}")
     return backend
+
+
+def no_gpu_reason() -> str:
+    """Why torch sees no usable GPU, in words a user can act on."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no CUDA driver or GPU found"
+    if torch.cuda.device_count() == 0:
+        return "the CUDA driver is installed but reports no GPU"
+    return "torch cannot use the GPU (torch.cuda.is_available() is False)"
 
 
 def as_tensor(name: str, x) -> torch.Tensor:
@@ -98,15 +171,17 @@ def stream(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
-_POISON = False
+_POISON = None
 
 
 @contextlib.contextmanager
-def poison_outputs(enabled: bool = True):
-    """Under this context, outputs that ops allocate are filled with NaN (0xFF bytes) first, so a
-    kernel that leaves an element unwritten fails its conformance test instead of passing by luck."""
+def poison_outputs(byte: int | None = 0xFF):
+    """Under this context every output and workspace an op allocates is first filled with `byte`
+    (0xFF: NaN in every float type), so a kernel that leaves an element unwritten fails its test
+    instead of passing by luck. Tests run a call under two bytes and require identical results:
+    no single byte is safe, since FP8 and bf16 outputs can take every bit pattern."""
     global _POISON
-    old, _POISON = _POISON, enabled
+    old, _POISON = _POISON, byte
     try:
         yield
     finally:
@@ -116,6 +191,7 @@ def poison_outputs(enabled: bool = True):
 def empty(shape, dtype, device, strides=None) -> torch.Tensor:
     t = torch.empty(shape, dtype=dtype, device=device) if strides is None else \
         torch.empty_strided(shape, strides, dtype=dtype, device=device)
-    if _POISON and t.numel():
-        t.view(torch.uint8).fill_(0xFF) if t.is_contiguous() else t.fill_(float("nan"))
+    if _POISON is not None and t.numel():
+        span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))  # the whole storage, padding too
+        t.as_strided((span,), (1,)).view(torch.uint8).fill_(_POISON)
     return t

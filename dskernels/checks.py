@@ -1,5 +1,8 @@
 """Argument checks at the public boundary: each raises TypeError/ValueError naming the argument and
 the rule it breaks, before any kernel launches. Kernels then trust their arguments."""
+import math
+import numbers
+
 import torch
 
 
@@ -29,3 +32,31 @@ def check_shape(name: str, x: torch.Tensor, shape):
 def check_choice(name: str, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_int(name: str, value, *, minimum: int | None = None) -> int:
+    """A Python or NumPy integer (not a bool), at least `minimum`; returned as int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_real(name: str, value, *, positive: bool = False) -> float:
+    """A finite real number (Python or NumPy; not a bool), > 0 when `positive`; returned as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value

@@ -12,12 +12,11 @@ dskernels.reference.gemm. The three GEMMs of a Linear layer y = x W^T are in dsk
 import torch
 
 from dskernels import backend as _backend
-from dskernels.checks import check_choice, check_shape, check_tensor
+from dskernels.checks import check_bool, check_choice, check_shape, check_tensor
 from dskernels.reference import gemm as _ref
 from dskernels.reference.quant import cdiv
 
 FP8 = torch.float8_e4m3fn
-MIN_CAPABILITY = (9, 0)  # wgmma
 
 
 def _mn_major(scale: torch.Tensor) -> torch.Tensor:
@@ -27,14 +26,17 @@ def _mn_major(scale: torch.Tensor) -> torch.Tensor:
     if scale.stride(0) == 1 and scale.stride(1) % 4 == 0 and scale.stride(1) >= R:
         return scale
     ld = cdiv(R, 4) * 4
-    out = torch.empty_strided((R, Kb), (1, ld), dtype=torch.float32, device=scale.device)
-    return out.copy_(scale)
+    return _backend.empty((R, Kb), torch.float32, scale.device, strides=(1, ld)).copy_(scale)
 
 
 def _cuda(a, a_scale, b, b_scale, out, accumulate):
     M, K = a.shape
     N = b.shape[0]
     per_row = b_scale.shape[0] == N and N > 1
+    for name, t in (("a", a), ("b", b)):
+        if t.data_ptr() % 16:
+            raise ValueError(f"{name} must start at a 16-byte aligned address for the CUDA kernel's TMA loads "
+                             f"(a slice that starts mid-row breaks this)")
     a_scale = _mn_major(a_scale)
     b_scale = _mn_major(b_scale) if per_row else b_scale.contiguous()
     for name, t in (("a_scale", a_scale), ("b_scale", b_scale)):
@@ -95,11 +97,14 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out=None, out_dtype=torch.bfloat16, accu
     b_scale: [ceil(N/128), K/128] (per 128 x 128 block) or [N, K/128] (per 1 x 128 tile) float32.
     out: optional [M, N] output, contiguous; out_dtype bfloat16 or float32 when out is None.
     accumulate: out += a @ b.T; needs a float32 out. Returns out.
+    backend: "auto", "cuda" (sm_90), "triton" (sm_89 and newer) or "reference". The CUDA kernel also
+    needs a and b to start at 16-byte aligned addresses (checked when it runs).
     """
     a, a_scale = _backend.as_tensor("a", a), _backend.as_tensor("a_scale", a_scale)
     b, b_scale = _backend.as_tensor("b", b), _backend.as_tensor("b_scale", b_scale)
     check_tensor("a", a, dtypes=(FP8,), ndim=2)
     check_tensor("b", b, dtypes=(FP8,), ndim=2, device=a.device)
+    check_bool("accumulate", accumulate)
     M, K = a.shape
     N = b.shape[0]
     if b.shape[1] != K:
@@ -122,12 +127,7 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out=None, out_dtype=torch.bfloat16, accu
         check_tensor("out", out, dtypes=(torch.float32,) if accumulate else (torch.bfloat16, torch.float32),
                      ndim=2, device=a.device)
         check_shape("out", out, (M, N))
-    name = _backend.resolve(backend, a.device, MIN_CAPABILITY)
-    if name == "cuda":
-        for arg, t in (("a", a), ("b", b)):
-            if t.data_ptr() % 16:
-                raise ValueError(f"{arg} must start at a 16-byte aligned address for the CUDA kernel's "
-                                 f"TMA loads (a slice that starts mid-row breaks this)")
+    name = _backend.resolve("fp8_gemm", backend, a.device)
     if out is None:
         return _fp8_gemm_op(a, a_scale, b, b_scale, out_dtype, name)
     _fp8_gemm_out_op(a, a_scale, b, b_scale, out, accumulate, name)

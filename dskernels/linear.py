@@ -7,18 +7,28 @@ function.
                                   (the reduction runs over tokens: "1D1D", accumulated in fp32)
 
 W^T's quantization is W's transposed (the same 128x128 blocks, the same scales), so the weight is
-quantized once. The token count M is padded with zero rows to a multiple of 128 for the weight
-gradient, whose reduction dim it is.
+quantized once. Each GEMM's reduction dim must be a multiple of 128; where it is not, it is padded with
+zeros, which is exact: zeros add nothing to a sum and leave every tile's amax (so its scale) as it was.
+That is K's job in the forward (K must already be a multiple of 128), N's in the input gradient (N =
+2112 or 576 work) and the token count M's in the weight gradient.
 """
 import torch
 
+from dskernels.checks import check_tensor
 from dskernels.gemm import fp8_gemm
 from dskernels.quant import per_block_quant, per_token_group_quant, per_token_group_quant_transposed
 
+FP8 = torch.float8_e4m3fn
 
-def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
-    pad = (-t.shape[0]) % multiple
-    return torch.nn.functional.pad(t, (0, 0, 0, pad)) if pad else t
+
+def _pad_dim(t: torch.Tensor, dim: int, multiple: int = 128) -> torch.Tensor:
+    """t with zeros appended along `dim` (0 or 1 of a 2-D tensor) up to a multiple of `multiple`."""
+    pad = (-t.shape[dim]) % multiple
+    if not pad:
+        return t
+    raw = t.view(torch.uint8) if t.dtype == FP8 else t  # e4m3 zero is the zero byte
+    padded = torch.nn.functional.pad(raw, (0, pad) if dim == 1 else (0, 0, 0, pad))
+    return padded.view(FP8) if t.dtype == FP8 else padded
 
 
 class FP8LinearFunction(torch.autograd.Function):
@@ -35,18 +45,29 @@ class FP8LinearFunction(torch.autograd.Function):
         x, wq, ws = ctx.saved_tensors
         backend = ctx.backend
         dy = dy.contiguous()
-        dyq, dys = per_token_group_quant(dy, scale_layout="col", backend=backend)
-        dx = fp8_gemm(dyq, dys, wq.t().contiguous(), ws.t().contiguous(), backend=backend)
-        dy_p, x_p = _pad_rows(dy, 128), _pad_rows(x, 128)
-        dyq_t, dys_t = per_token_group_quant_transposed(dy_p, scale_layout="col", backend=backend)
-        xq_t, xs_t = per_token_group_quant_transposed(x_p, scale_layout="col", backend=backend)
+        dyq, dys = per_token_group_quant(_pad_dim(dy, 1), scale_layout="col", backend=backend)
+        w_t = _pad_dim(wq.t().contiguous(), 1)                                     # [K, N padded]
+        dx = fp8_gemm(dyq, dys, w_t, ws.t().contiguous(), backend=backend)
+        dyq_t, dys_t = per_token_group_quant_transposed(_pad_dim(dy, 0), scale_layout="col", backend=backend)
+        xq_t, xs_t = per_token_group_quant_transposed(_pad_dim(x, 0), scale_layout="col", backend=backend)
         dw = torch.zeros(dy.shape[1], x.shape[1], dtype=torch.float32, device=dy.device)
         fp8_gemm(dyq_t, dys_t, xq_t, xs_t, out=dw, accumulate=True, backend=backend)
         return dx.to(x.dtype), dw, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """y = x @ weight.T through FP8 GEMMs, differentiable. x [M, K] bf16, weight [N, K] (bf16 or
-    fp32 master weights; the weight gradient is accumulated in fp32, returned in the weight's
-    dtype). K and N multiples of 128."""
+    """y [M, N] = x [M, K] @ weight [N, K].T through FP8 GEMMs, differentiable.
+
+    x: bf16/fp16/fp32, contiguous, K (in_features) a multiple of 128. weight: bf16/fp16/fp32 (e.g. fp32
+    master weights), any N (out_features). y is bf16; the gradients come back in x's and weight's dtypes
+    (the weight gradient is accumulated in fp32)."""
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    check_tensor("x", x, dtypes=dtypes, ndim=2)
+    check_tensor("weight", weight, dtypes=dtypes, ndim=2, device=x.device)
+    if x.shape[1] % 128:
+        raise ValueError(f"x's last dimension (in_features, the forward GEMM's reduction) must be a multiple of "
+                         f"128, got {x.shape[1]}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be [out_features, {x.shape[1]}] (x has {x.shape[1]} in_features), got "
+                         f"{tuple(weight.shape)}")
     return FP8LinearFunction.apply(x, weight, backend)

@@ -14,14 +14,13 @@ under torch.compile; the quantization has no gradient.
 import torch
 
 from dskernels import backend as _backend
-from dskernels.checks import check_choice, check_shape, check_tensor
+from dskernels.checks import check_bool, check_choice, check_shape, check_tensor
 from dskernels.reference import quant as _ref
 from dskernels.reference.quant import BLOCK, cdiv
 
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP8 = torch.float8_e4m3fn
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-MIN_CAPABILITY = (8, 0)  # the CUDA kernels also ship as portable compute_80 PTX
 
 
 def _scale_tensor(rows, groups, layout, device):
@@ -161,9 +160,10 @@ def _(q, scale, block_rows, out_dtype, backend):
 # ---------------------------------------------------------------------------------------------
 # Public API.
 
-def _check_input(name, x, scale_layout="row"):
+def _check_input(name, x, pow2_scale, scale_layout="row"):
     x = _backend.as_tensor(name, x)
     check_tensor(name, x, dtypes=INPUT_DTYPES, ndim=2)
+    check_bool("pow2_scale", pow2_scale)
     check_choice("scale_layout", scale_layout, ("row", "col"))
     return x
 
@@ -178,8 +178,8 @@ def per_token_group_quant(x, *, pow2_scale: bool = False, scale_layout: str = "r
     power of two. Dequantize: q * scale per tile (dequant). NaN elements quantize to NaN; an Inf
     makes its tile's scale Inf (the tile dequantizes to NaN).
     """
-    x = _check_input("x", x, scale_layout)
-    name = _backend.resolve(backend, x.device, MIN_CAPABILITY)
+    x = _check_input("x", x, pow2_scale, scale_layout)
+    name = _backend.resolve("per_token_group_quant", backend, x.device)
     return _per_token_group_quant_op(x, pow2_scale, scale_layout, name)
 
 
@@ -192,8 +192,8 @@ def per_token_group_quant_transposed(x, *, pow2_scale: bool = False, scale_layou
     transpose of x quantized) and scale [K, ceil(M/128)] float32. Equal, byte for byte, to
     per_token_group_quant(x.T.contiguous()) but reads x once.
     """
-    x = _check_input("x", x, scale_layout)
-    name = _backend.resolve(backend, x.device, MIN_CAPABILITY)
+    x = _check_input("x", x, pow2_scale, scale_layout)
+    name = _backend.resolve("per_token_group_quant_transposed", backend, x.device)
     return _per_token_group_quant_transposed_op(x, pow2_scale, scale_layout, name)
 
 
@@ -203,8 +203,8 @@ def per_block_quant(w, *, pow2_scale: bool = False, backend: str = "auto"):
     w: [N, K] float32/bfloat16/float16, contiguous. Returns q [N, K] float8_e4m3fn and
     scale [ceil(N/128), ceil(K/128)] float32 (row-major).
     """
-    w = _check_input("w", w)
-    name = _backend.resolve(backend, w.device, MIN_CAPABILITY)
+    w = _check_input("w", w, pow2_scale)
+    name = _backend.resolve("per_block_quant", backend, w.device)
     return _per_block_quant_op(w, pow2_scale, name)
 
 
@@ -219,9 +219,11 @@ def dequant(q, scale, *, block_shape=(1, 128), out_dtype=torch.bfloat16, backend
     scale = _backend.as_tensor("scale", scale)
     check_tensor("q", q, dtypes=(FP8,), ndim=2)
     check_tensor("scale", scale, dtypes=(torch.float32,), ndim=2, device=q.device, contiguous=False)
+    if not isinstance(block_shape, (tuple, list)):
+        raise TypeError(f"block_shape must be a tuple, (1, 128) or (128, 128); got {type(block_shape).__name__}")
     check_choice("block_shape", tuple(block_shape), ((1, 128), (128, 128)))
     check_choice("out_dtype", out_dtype, (torch.bfloat16, torch.float32))
     R, C = q.shape
     check_shape("scale", scale, (cdiv(R, block_shape[0]), cdiv(C, BLOCK)))
-    name = _backend.resolve(backend, q.device, MIN_CAPABILITY)
+    name = _backend.resolve("dequant", backend, q.device)
     return _dequant_op(q, scale, block_shape[0], out_dtype, name)

@@ -7,6 +7,7 @@
 //   ./fp8_gemm_selftest          # correctness: one line per case, exit 1 on any mismatch
 //   ./fp8_gemm_selftest bench    # DeepSeek-V3 shapes with the heuristic's tile shape
 //   ./fp8_gemm_selftest sweep    # the same shapes with every compiled tile shape (to tune the heuristic)
+//   ./fp8_gemm_selftest sanitize # small tail shapes, every compiled config once (for compute-sanitizer)
 // Each bench line ends with grid=CTAS, the persistent grid launched (cluster configs: clusters x 2).
 //
 // A case fails when max|out - ref| / max|ref| > 1e-2, when any output is NaN/Inf, or when the guard
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "fp8_gemm.h"
+#include "../selftest.cuh"
 
 // Defined in fp8_gemm.cu, deliberately outside the public header: the CTAs fp8_gemm launches for this
 // problem and config (the persistent grid; a multiple of cluster_m).
@@ -36,33 +38,12 @@ using dskernels::Fp8GemmConfig;
 using dskernels::Fp8GemmEpilogue;
 using dskernels::ScaleGranularity;
 
-#define CHECK_CUDA(expr)                                                                          \
-  do {                                                                                            \
-    cudaError_t e_ = (expr);                                                                      \
-    if (e_ != cudaSuccess) {                                                                      \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                               \
-    }                                                                                             \
-  } while (0)
-
 namespace {
 
 constexpr int kGuardBytes = 4096;
 constexpr uint8_t kGuardByte = 0xA5;
 
-__device__ uint32_t hash32(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdull;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ull;
-  x ^= x >> 33;
-  return static_cast<uint32_t>(x);
-}
-
-// Uniform in [-1, 1).
-__device__ float uniform(uint64_t i, uint32_t seed) {
-  return hash32(i * 0x9E3779B97F4A7C15ull + seed) * (2.0f / 4294967296.0f) - 1.0f;
-}
+using selftest::uniform;
 
 // Random e4m3 values spread over the format's range (as quantized activations/weights would be).
 __global__ void fill_fp8(__nv_fp8_e4m3* x, size_t n, uint32_t seed) {
@@ -327,13 +308,11 @@ int bench(bool sweep) {
   return 0;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-  CHECK_CUDA(cudaDeviceGetAttribute(&g_num_sms, cudaDevAttrMultiProcessorCount, 0));
-  if (argc > 1 && std::strcmp(argv[1], "bench") == 0) return bench(false);
-  if (argc > 1 && std::strcmp(argv[1], "sweep") == 0) return bench(true);
-
+// The correctness cases: heuristic configs over a grid of tails and sizes, then every compiled config
+// (tile shape, epilogue, cluster) on awkward shapes: odd N (unpaired stores, no TMA store), N not a
+// multiple of the tile, tiles straddling two b_scale rows, M tails, a single K block, and more tiles than
+// SMs (each CTA walks several tiles: the overlapped epilogue's path).
+std::vector<Case> full_cases() {
   std::vector<Case> cases;
   for (int M : {1, 63, 128, 129, 4096})
     for (int N : {24, 576, 2112, 7168})
@@ -342,9 +321,6 @@ int main(int argc, char** argv) {
         cases.push_back({M, N, K, ScaleGranularity::k1D2D, true, true, {0, 0}});
         cases.push_back({M, N, K, ScaleGranularity::k1D1D, true, true, {0, 0}});
       }
-  // Every compiled config (tile shape, epilogue, cluster) on awkward shapes: odd N (unpaired stores, no
-  // TMA store), N not a multiple of the tile, tiles straddling two b_scale rows, M tails, a single K
-  // block, and more tiles than SMs (each CTA walks several tiles: the overlapped epilogue's path).
   const std::vector<std::array<int, 3>> awkward = {
       {129, 2112, 512}, {63, 1001, 384}, {300, 600, 128}, {1000, 4000, 256}, {4096, 2112, 512}};
   for (ScaleGranularity gran : {ScaleGranularity::k1D2D, ScaleGranularity::k1D1D}) {
@@ -354,6 +330,31 @@ int main(int argc, char** argv) {
         cases.push_back({s[0], s[1], s[2], gran, true, gran == ScaleGranularity::k1D1D, cfg});
       }
   }
+  return cases;
+}
+
+// For compute-sanitizer, which instruments every access: small problems with every kind of tail, the
+// heuristic's pick for both granularities and output types, and every compiled config once.
+std::vector<Case> sanitize_cases() {
+  std::vector<Case> cases;
+  for (const auto& s : std::vector<std::array<int, 3>>{{1, 24, 128}, {63, 1001, 384}, {129, 2112, 256}}) {
+    cases.push_back({s[0], s[1], s[2], ScaleGranularity::k1D2D, false, false, {0, 0}});
+    cases.push_back({s[0], s[1], s[2], ScaleGranularity::k1D1D, true, true, {0, 0}});
+  }
+  for (ScaleGranularity gran : {ScaleGranularity::k1D2D, ScaleGranularity::k1D1D})
+    for (const Fp8GemmConfig& cfg : list_configs(gran))
+      cases.push_back({129, 1000, 256, gran, false, false, cfg});
+  return cases;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CHECK_CUDA(cudaDeviceGetAttribute(&g_num_sms, cudaDevAttrMultiProcessorCount, 0));
+  const char* mode = argc > 1 ? argv[1] : "";
+  if (std::strcmp(mode, "bench") == 0) return bench(false);
+  if (std::strcmp(mode, "sweep") == 0) return bench(true);
+  const std::vector<Case> cases = std::strcmp(mode, "sanitize") == 0 ? sanitize_cases() : full_cases();
 
   int failures = 0;
   uint32_t seed = 1;

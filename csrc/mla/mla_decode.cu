@@ -33,11 +33,15 @@ struct SplitParams {
   const int* cache_seqlens;
   const int* items;
   const int* item_offsets;
-  const int* bad;      // may be null
+  const int* bad;              // may be null
+  const int* made_seqlens;     // what the work list was made from; both null: no match check
+  const int* made_table_hash;
+  int* error;                  // [2]; null when made_* are
   float* o_partial;
   float* lse_partial;
   float* lse;
   int bt_stride;
+  int max_pages;      // block-table columns: blocks at or past it are never read
   int rows;           // s_q * H
   int num_m_blocks;   // ceil(rows / 64)
   int H, s_q;
@@ -63,7 +67,9 @@ inline constexpr int kMaxDynamicSmem = 232448;
 inline constexpr int kQOffset = 0;
 inline constexpr int kKVOffset = kQOffset + kTileBytes;              // buffer 0 (even blocks), buffer 1 (odd)
 inline constexpr int kStatOffset = kKVOffset + 2 * kTileBytes;       // float [6][64], see kStat*
-inline constexpr int kBarOffset = kStatOffset + 6 * 64 * 4;          // full[4], empty[4], q
+inline constexpr int kHashOffset = kStatOffset + 6 * 64 * 4;         // uint32 [8]: block-table fingerprint
+                                                                     // partials of the 8 math warps
+inline constexpr int kBarOffset = kHashOffset + 8 * 4;               // full[4], empty[4], q
 inline constexpr int kSmemBytes = kBarOffset + 9 * 8 + 1024;         // +1024: re-alignment slack
 static_assert(kSmemBytes <= kMaxDynamicSmem, "shared memory");
 static_assert(kTileBytes < (1 << 20), "mbarrier transaction count range");
@@ -180,6 +186,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int wtid = threadIdx.x % 128;
     const int warp = wtid / 32, lane = wtid % 32;
     const int r_lo = warp * 16 + lane / 4;         // tile row of fragment entries 4j + 0/1; +8 for 4j + 2/3
+    uint32_t* s_hash = reinterpret_cast<uint32_t*>(smem + kHashOffset);
+
+    // The batch's block-table fingerprint (mla_table_hash_term summed over its blocks), to compare with the
+    // work list's record in the epilogue: 256 threads, a few loads each, before the first S is ready.
+    if (p.made_table_hash != nullptr) {
+      const int* row = p.block_table + static_cast<size_t>(b) * p.bt_stride;
+      uint32_t h = 0;
+      for (int k = wg * 128 + wtid; k < min(seq_blocks, p.max_pages); k += kMathThreads)
+        h += mla_table_hash_term(__ldg(row + k), k);
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) h += __shfl_xor_sync(0xffffffffu, h, off);
+      if (lane == 0) s_hash[4 * wg + warp] = h;
+    }
     const int quad_col = 2 * (lane % 4);           // fragment column of entry 4j + 0, minus 8j
 
     // Visible tokens are t < lim[h] for the rows r_lo + 8h (padded rows see the whole sequence).
@@ -541,10 +560,24 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (lane % 4 == 0) s_sum[wg * 64 + r_lo + 8 * h] = row_sum[h];
     }
     named_barrier_sync(kBarSum, kMathThreads);
+    // Inputs other than those the work list was made from: the batch's rows become NaN and the error is
+    // recorded (every CTA of the batch sees the same mismatch; the atomics make the record order-free).
+    bool mismatch = false;
+    if (p.made_table_hash != nullptr) {
+      uint32_t h = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) h += s_hash[i];
+      mismatch = seqlen != p.made_seqlens[b] || h != static_cast<uint32_t>(p.made_table_hash[b]);
+      if (mismatch && wg == 0 && wtid == 0) {
+        atomicOr(&p.error[0], kMlaErrorMismatch);
+        atomicMin(&p.error[1], b);
+      }
+    }
     // A batch with this item alone is finished here: out and lse directly (NaN for a batch the scheduler
-    // flagged), and the combine pass skips it. Otherwise the item's partial result for the combine.
+    // flagged or a mismatch), and the combine pass skips it. Otherwise the item's partial result for the
+    // combine, with lse NaN to mark a mismatch.
     const bool whole = p.item_offsets[b + 1] - p.item_offsets[b] == 1;
-    const bool poisoned = p.bad != nullptr && p.bad[b] != 0;
+    const bool poisoned = (p.bad != nullptr && p.bad[b] != 0) || mismatch;
     float inv[2], row_lse[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -594,7 +627,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int j = 0; j < 32; ++j)
           *reinterpret_cast<float2*>(dst + 8 * j) =
               make_float2(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
-        if (wg == 0 && lane % 4 == 0) p.lse_partial[out_row] = row_lse[h];
+        if (wg == 0 && lane % 4 == 0) p.lse_partial[out_row] = mismatch ? NAN : row_lse[h];
       }
     }
   }
@@ -615,12 +648,16 @@ __global__ void __launch_bounds__(128)
   const int b = task / rows, row = task % rows;
   const int i0 = item_offsets[b], i1 = item_offsets[b + 1];
   if (i1 - i0 == 1) return;  // the split pass wrote this batch's out and lse
-  const bool poisoned = bad != nullptr && bad[b] != 0;
-
   float m = -INFINITY;
-  for (int it = i0 + lane; it < i1; it += 32) m = fmaxf(m, lse_partial[static_cast<size_t>(it) * rows + row]);
+  bool nan_partial = false;  // the split pass's mark of a mismatched batch (fmaxf would skip it)
+  for (int it = i0 + lane; it < i1; it += 32) {
+    const float l = lse_partial[static_cast<size_t>(it) * rows + row];
+    nan_partial |= isnan(l);
+    m = fmaxf(m, l);
+  }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  const bool poisoned = (bad != nullptr && bad[b] != 0) || __any_sync(0xffffffffu, nan_partial);
 
   float4 acc[4];
 #pragma unroll
@@ -703,7 +740,10 @@ __device__ ScanResult cta_exclusive_scan(int64_t v) {
 __global__ void __launch_bounds__(kScheduleThreads)
     mla_schedule_kernel(const int* __restrict__ cache_seqlens, const int* __restrict__ block_table, int bt_stride,
                         int B, int max_pages, int num_pages, int s_q, int num_parts, int* __restrict__ items,
-                        int* __restrict__ item_offsets, int* __restrict__ bad) {
+                        int* __restrict__ item_offsets, int* __restrict__ bad, int* __restrict__ made_seqlens,
+                        int* __restrict__ made_table_hash, int* __restrict__ error) {
+  __shared__ int first_bad;
+  if (threadIdx.x == 0) first_bad = INT32_MAX;  // ordered before the atomics below by the scans' barriers
   const int per = (B + kScheduleThreads - 1) / kScheduleThreads;
   const int b0 = min(B, int(threadIdx.x) * per), b1 = min(B, b0 + per);
   auto blocks_of = [&](int b) {
@@ -743,12 +783,27 @@ __global__ void __launch_bounds__(kScheduleThreads)
     const int64_t L = cache_seqlens[b];
     const int blocks = blocks_of(b);
     bool out_of_range = false;
+    uint32_t hash = 0;
     for (int k = lane; k < blocks; k += 32) {
       const int page = block_table[int64_t(b) * bt_stride + k];
       out_of_range |= page < 0 || page >= num_pages;
+      hash += mla_table_hash_term(page, k);
     }
     out_of_range = __any_sync(0xffffffffu, out_of_range);
-    if (lane == 0) bad[b] = out_of_range || L > int64_t(max_pages) * kMlaPageSize || L < s_q;
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) hash += __shfl_xor_sync(0xffffffffu, hash, off);
+    if (lane == 0) {
+      const bool is_bad = out_of_range || L > int64_t(max_pages) * kMlaPageSize || L < s_q;
+      bad[b] = is_bad;
+      made_seqlens[b] = int(L);
+      made_table_hash[b] = static_cast<int>(hash);
+      if (is_bad) atomicMin(&first_bad, b);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    error[0] = first_bad != INT32_MAX ? kMlaErrorInvalid : 0;
+    error[1] = first_bad;
   }
 }
 
@@ -757,12 +812,16 @@ bool is_aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uint
 }  // namespace
 
 cudaError_t mla_decode_split(const void* q, const void* cache, int num_pages, int64_t page_stride,
-                             const int* block_table, int bt_stride, const int* cache_seqlens, const int* items,
-                             const int* item_offsets, const int* bad, int max_items, int B, int s_q, int H,
+                             const int* block_table, int bt_stride, int max_pages, const int* cache_seqlens,
+                             const int* items, const int* item_offsets, const int* bad, const int* made_seqlens,
+                             const int* made_table_hash, int* error, int max_items, int B, int s_q, int H,
                              float softmax_scale, bool causal, float* o_partial, float* lse_partial, void* out,
                              float* lse, cudaStream_t stream) {
   using namespace hopper;
-  if (B < 1 || s_q < 1 || H < 1 || max_items < 1 || num_pages < 1 || bt_stride < 1) return cudaErrorInvalidValue;
+  if (B < 1 || s_q < 1 || H < 1 || max_items < 1 || num_pages < 1 || max_pages < 1 || bt_stride < max_pages)
+    return cudaErrorInvalidValue;
+  if ((made_seqlens == nullptr) != (made_table_hash == nullptr) || (made_seqlens != nullptr && error == nullptr))
+    return cudaErrorInvalidValue;
   if (page_stride < int64_t(kMlaPageSize) * kMlaDimQK || page_stride % 8 != 0) return cudaErrorInvalidValue;
   if (!(softmax_scale > 0.0f) || !std::isfinite(softmax_scale)) return cudaErrorInvalidValue;
   if (q == nullptr || cache == nullptr || block_table == nullptr || cache_seqlens == nullptr || items == nullptr ||
@@ -808,10 +867,14 @@ cudaError_t mla_decode_split(const void* q, const void* cache, int num_pages, in
   p.items = items;
   p.item_offsets = item_offsets;
   p.bad = bad;
+  p.made_seqlens = made_seqlens;
+  p.made_table_hash = made_table_hash;
+  p.error = error;
   p.o_partial = o_partial;
   p.lse_partial = lse_partial;
   p.lse = lse;
   p.bt_stride = bt_stride;
+  p.max_pages = max_pages;
   p.rows = int(rows);
   p.num_m_blocks = int(num_m_blocks);
   p.H = H;
@@ -844,14 +907,17 @@ cudaError_t mla_decode_combine(const float* o_partial, const float* lse_partial,
 
 cudaError_t mla_decode_schedule(const int* cache_seqlens, const int* block_table, int bt_stride, int B,
                                 int max_pages, int num_pages, int s_q, int num_parts, int* items,
-                                int* item_offsets, int* bad, cudaStream_t stream) {
-  if (B < 1 || max_pages < 1 || num_pages < 1 || s_q < 1 || num_parts < 1 || bt_stride < 1) return cudaErrorInvalidValue;
+                                int* item_offsets, int* bad, int* made_seqlens, int* made_table_hash, int* error,
+                                cudaStream_t stream) {
+  if (B < 1 || max_pages < 1 || num_pages < 1 || s_q < 1 || num_parts < 1 || bt_stride < max_pages)
+    return cudaErrorInvalidValue;
   if (cache_seqlens == nullptr || block_table == nullptr || items == nullptr || item_offsets == nullptr ||
-      bad == nullptr)
+      bad == nullptr || made_seqlens == nullptr || made_table_hash == nullptr || error == nullptr)
     return cudaErrorInvalidValue;
   if (int64_t(num_parts) + B > int64_t(0x7FFFFFFF) / 3) return cudaErrorInvalidValue;
   mla_schedule_kernel<<<1, kScheduleThreads, 0, stream>>>(cache_seqlens, block_table, bt_stride, B, max_pages,
-                                                          num_pages, s_q, num_parts, items, item_offsets, bad);
+                                                          num_pages, s_q, num_parts, items, item_offsets, bad,
+                                                          made_seqlens, made_table_hash, error);
   return cudaGetLastError();
 }
 

@@ -36,14 +36,22 @@ constexpr int kMlaRowsPerCta = 64;  // query rows (i, h) per CTA: the wgmma M di
 //                 p * page_stride + j * 576. 16-byte aligned.
 //   num_pages     pages in `cache` (>= 1). Block-table entries outside [0, num_pages) read zeros.
 //   page_stride   elements between pages: >= 64 * 576 and a multiple of 8 (16-byte aligned pages).
-//   block_table   int32 [B, >= blocks of the longest sequence], row stride bt_stride (>= 1):
-//                 page of cache block k (tokens 64k .. 64k+63) of batch b = block_table[b * bt_stride + k].
+//   block_table   int32 [B, max_pages], row stride bt_stride (>= max_pages): page of cache block k (tokens
+//                 64k .. 64k+63) of batch b = block_table[b * bt_stride + k]; blocks at or past max_pages are
+//                 never read.
 //   cache_seqlens int32 [B], >= 1: tokens in the cache of batch b, including the s_q new query tokens.
 //   items         int32 [max_items, 3] = (b, first block, end block (exclusive)); b = -1 marks an unused
 //                 slot (its CTAs exit, its outputs are left untouched). Blocks at or past
 //                 ceil(cache_seqlens[b] / 64) are ignored; an item with no block left yields lse = -inf, o = 0.
 //   item_offsets  int32 [B + 1]: batch b owns items item_offsets[b] .. item_offsets[b+1]-1 (at least one).
 //   bad           int32 [B] or nullptr: see mla_decode_combine (applied here to single-item batches).
+//   made_seqlens, made_table_hash   int32 [B] each, or both nullptr (no check): what mla_decode_schedule
+//                 recorded for the work list. A batch whose cache_seqlens[b] differs from made_seqlens[b],
+//                 or whose block-table fingerprint (mla_table_hash over its blocks) differs from
+//                 made_table_hash[b], is a mismatch: its rows come out NaN (out and lse here for a single-item
+//                 batch; lse_partial = NaN for the others, which the combine turns into NaN rows), and
+//                 error[0] |= kMlaErrorMismatch, error[1] = min(error[1], b).
+//   error         int32 [2] or nullptr (then made_* must be nullptr too): see above.
 //   max_items     rows of `items`, >= 1.
 //   B, s_q, H     >= 1 each; s_q * H any value (the last CTA of a batch masks its padded rows).
 //   softmax_scale finite and > 0 (scores are scaled by softmax_scale * log2(e) and use exp2).
@@ -59,8 +67,9 @@ constexpr int kMlaRowsPerCta = 64;  // query rows (i, h) per CTA: the wgmma M di
 // Tokens of the last page past cache_seqlens[b] may hold anything (NaN included): they are zeroed in
 // shared memory before use.
 cudaError_t mla_decode_split(const void* q, const void* cache, int num_pages, int64_t page_stride,
-                             const int* block_table, int bt_stride, const int* cache_seqlens, const int* items,
-                             const int* item_offsets, const int* bad, int max_items, int B, int s_q, int H,
+                             const int* block_table, int bt_stride, int max_pages, const int* cache_seqlens,
+                             const int* items, const int* item_offsets, const int* bad, const int* made_seqlens,
+                             const int* made_table_hash, int* error, int max_items, int B, int s_q, int H,
                              float softmax_scale, bool causal, float* o_partial, float* lse_partial, void* out,
                              float* lse, cudaStream_t stream);
 
@@ -74,6 +83,7 @@ cudaError_t mla_decode_split(const void* q, const void* cache, int num_pages, in
 //   lse                      fp32 [B, H, s_q], contiguous.
 //   bad                      int32 [B] or nullptr: where bad[b] != 0 (the scheduler found the batch's block
 //                            table or length invalid), every out and lse of batch b is NaN.
+// A row any of whose items has a NaN lse_partial (the split pass's mark of a mismatched batch) comes out NaN.
 // A row that sees no token at all (possible only when cache_seqlens[b] < s_q under causal) gets out = 0
 // and lse = -inf.
 cudaError_t mla_decode_combine(const float* o_partial, const float* lse_partial, const int* item_offsets,
@@ -89,9 +99,32 @@ cudaError_t mla_decode_combine(const float* o_partial, const float* lse_partial,
 //   item_offsets int32 [B + 1] = exclusive prefix sum of n
 //   bad       int32 [B]: 1 where a needed block_table entry is outside [0, num_pages),
 //             cache_seqlens[b] > max_pages * 64 or cache_seqlens[b] < s_q; else 0
+//   made_seqlens    int32 [B]: a copy of cache_seqlens (what the list was made from)
+//   made_table_hash int32 [B]: sum over k < blocks[b] of mla_table_hash_term(block_table[b, k], k), mod 2^32
+//   error     int32 [2] = (kMlaErrorInvalid if any batch is bad else 0, the first bad batch or INT32_MAX)
 // block_table int32 [B, max_pages] with row stride bt_stride. B, max_pages, num_pages, s_q, num_parts >= 1.
 cudaError_t mla_decode_schedule(const int* cache_seqlens, const int* block_table, int bt_stride, int B,
                                 int max_pages, int num_pages, int s_q, int num_parts, int* items,
-                                int* item_offsets, int* bad, cudaStream_t stream);
+                                int* item_offsets, int* bad, int* made_seqlens, int* made_table_hash, int* error,
+                                cudaStream_t stream);
+
+// error[0] bits: a batch's block table or length was invalid when the work list was made; a decode call's
+// cache_seqlens or block table differed from those the work list was made from.
+constexpr int kMlaErrorInvalid = 1;
+constexpr int kMlaErrorMismatch = 2;
+
+// The block-table fingerprint's term for page `page` at block k: murmur3's 32-bit finalizer of
+// page * 0x9E3779B1 + k. For a fixed k it is a bijection of the page, so a fingerprint (the sum of a
+// batch's terms mod 2^32) changes whenever exactly one entry does; any other change escapes it with
+// probability about 2^-32. dskernels.reference.mla.table_hash is its specification.
+__host__ __device__ inline uint32_t mla_table_hash_term(int page, int k) {
+  uint32_t h = static_cast<uint32_t>(page) * 0x9E3779B1u + static_cast<uint32_t>(k);
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
 
 }  // namespace dskernels

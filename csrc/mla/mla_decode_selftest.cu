@@ -1,12 +1,15 @@
 // Standalone check of mla_decode_split + mla_decode_combine against a naive reference kernel (one CTA
 // per (batch, query row), FP32 scores and softmax, FP32 P V; no bf16 rounding of P). Where a case uses
-// the scheduler's split, mla_decode_schedule's work list must equal the host's copy of that split.
+// the scheduler's split, mla_decode_schedule's work list must equal the host's copy of that split, its
+// record of the inputs (lengths, block-table fingerprints) the host's, and the decode then runs with the
+// match check on.
 //
 // Build and run on an H100 (no PyTorch needed):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
 //        csrc/mla/mla_decode.cu csrc/mla/mla_decode_selftest.cu -o mla_decode_selftest
 //   ./mla_decode_selftest          # correctness: one line per case, exit 1 on any mismatch
 //   ./mla_decode_selftest bench    # bench/test_mla.py's shapes: time, TFLOPS, roofline fraction
+//   ./mla_decode_selftest sanitize # a few small cases of every path (for compute-sanitizer)
 //
 // A case fails when max|out - ref| / max|ref| > 1.5e-2, when |lse - ref_lse| > 2e-3 * max(1, |ref_lse|)
 // (or -inf does not match), or when any output is NaN. The cache is filled with NaN everywhere except
@@ -23,15 +26,7 @@
 #include <vector>
 
 #include "mla_decode.h"
-
-#define CHECK_CUDA(expr)                                                                          \
-  do {                                                                                            \
-    cudaError_t e_ = (expr);                                                                      \
-    if (e_ != cudaSuccess) {                                                                      \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
-      std::exit(2);                                                                               \
-    }                                                                                             \
-  } while (0)
+#include "../selftest.cuh"
 
 namespace {
 
@@ -39,18 +34,7 @@ constexpr int D = dskernels::kMlaDimQK;
 constexpr int DV = dskernels::kMlaDimV;
 constexpr int PAGE = dskernels::kMlaPageSize;
 
-__device__ uint32_t hash32(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdull;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ull;
-  x ^= x >> 33;
-  return static_cast<uint32_t>(x);
-}
-
-__device__ float uniform(uint64_t i, uint32_t seed) {
-  return hash32(i * 0x9E3779B97F4A7C15ull + seed) * (2.0f / 4294967296.0f) - 1.0f;
-}
+using selftest::uniform;
 
 __global__ void fill_uniform(__nv_bfloat16* x, size_t n, uint32_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
@@ -137,28 +121,50 @@ struct Problem {
   int64_t page_stride;
   __nv_bfloat16 *q, *cache, *out;
   int *bt, *seqlens, *items, *offsets;
+  int *made_seqlens = nullptr, *made_hash = nullptr, *error = nullptr;  // the scheduler's record (splits = 0)
   float *o_part, *lse_part, *lse;
 };
 
-// mla_decode_schedule must give the host's split (items, offsets) and flag no batch.
-void check_schedule(const Case& c, const Problem& p, int num_parts, const std::vector<int>& items,
-                    const std::vector<int>& offsets) {
+// mla_decode_schedule must give the host's split (items, offsets), flag no batch and record the lengths and
+// block-table fingerprints; the record stays in p for the decode's match check.
+void check_schedule(const Case& c, Problem& p, int num_parts, const std::vector<int>& items,
+                    const std::vector<int>& offsets, const std::vector<int>& bt) {
   int *d_items, *d_offsets, *d_bad;
   CHECK_CUDA(cudaMalloc(&d_items, items.size() * 4));
   CHECK_CUDA(cudaMalloc(&d_offsets, offsets.size() * 4));
   CHECK_CUDA(cudaMalloc(&d_bad, p.B * 4));
+  CHECK_CUDA(cudaMalloc(&p.made_seqlens, p.B * 4));
+  CHECK_CUDA(cudaMalloc(&p.made_hash, p.B * 4));
+  CHECK_CUDA(cudaMalloc(&p.error, 2 * 4));
   CHECK_CUDA(cudaMemset(d_items, 0xFF, items.size() * 4));
+  CHECK_CUDA(cudaMemset(d_offsets, 0xFF, offsets.size() * 4));
+  for (int* d : {d_bad, p.made_seqlens, p.made_hash}) CHECK_CUDA(cudaMemset(d, 0xFF, p.B * 4));
+  CHECK_CUDA(cudaMemset(p.error, 0xFF, 8));
   CHECK_CUDA(dskernels::mla_decode_schedule(p.seqlens, p.bt, p.bt_stride, p.B, p.bt_stride, p.num_pages, c.s_q,
-                                            num_parts, d_items, d_offsets, d_bad, nullptr));
-  std::vector<int> got_items(items.size()), got_offsets(offsets.size()), got_bad(p.B);
+                                            num_parts, d_items, d_offsets, d_bad, p.made_seqlens, p.made_hash,
+                                            p.error, nullptr));
+  std::vector<int> got_items(items.size()), got_offsets(offsets.size()), got_bad(p.B), got_seqlens(p.B),
+      got_hash(p.B), got_error(2);
   CHECK_CUDA(cudaMemcpy(got_items.data(), d_items, items.size() * 4, cudaMemcpyDeviceToHost));
   CHECK_CUDA(cudaMemcpy(got_offsets.data(), d_offsets, offsets.size() * 4, cudaMemcpyDeviceToHost));
   CHECK_CUDA(cudaMemcpy(got_bad.data(), d_bad, p.B * 4, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(got_seqlens.data(), p.made_seqlens, p.B * 4, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(got_hash.data(), p.made_hash, p.B * 4, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(got_error.data(), p.error, 8, cudaMemcpyDeviceToHost));
   cudaFree(d_items);
   cudaFree(d_offsets);
   cudaFree(d_bad);
+  std::vector<int> want_hash(p.B);
+  for (int b = 0; b < p.B; ++b) {
+    uint32_t h = 0;
+    for (int k = 0; k < (c.seqlens[b] + PAGE - 1) / PAGE; ++k)
+      h += dskernels::mla_table_hash_term(bt[size_t(b) * p.bt_stride + k], k);
+    want_hash[b] = static_cast<int>(h);
+  }
   const bool ok = got_items == items && got_offsets == offsets &&
-                  std::all_of(got_bad.begin(), got_bad.end(), [](int x) { return x == 0; });
+                  std::all_of(got_bad.begin(), got_bad.end(), [](int x) { return x == 0; }) &&
+                  got_seqlens == c.seqlens && got_hash == want_hash && got_error[0] == 0 &&
+                  got_error[1] == INT32_MAX;
   std::printf("%s mla_decode_schedule B=%d num_parts=%d slots=%zu\n", ok ? "PASS" : "FAIL", p.B, num_parts,
               items.size() / 3);
   if (!ok) std::exit(1);
@@ -238,7 +244,7 @@ Problem make_problem(const Case& c, std::mt19937& rng) {
   CHECK_CUDA(cudaMemcpy(p.items, items.data(), items.size() * 4, cudaMemcpyHostToDevice));
   CHECK_CUDA(cudaMemcpy(p.offsets, offsets.data(), offsets.size() * 4, cudaMemcpyHostToDevice));
 
-  if (c.splits == 0) check_schedule(c, p, num_parts, items, offsets);
+  if (c.splits == 0) check_schedule(c, p, num_parts, items, offsets, bt);
 
   const uint32_t seed = rng();
   fill_uniform<<<1024, 256>>>(p.q, q_elems, seed);
@@ -253,14 +259,16 @@ Problem make_problem(const Case& c, std::mt19937& rng) {
 
 void free_problem(Problem& p) {
   for (void* ptr : {(void*)p.q, (void*)p.cache, (void*)p.out, (void*)p.bt, (void*)p.seqlens, (void*)p.items,
-                    (void*)p.offsets, (void*)p.o_part, (void*)p.lse_part, (void*)p.lse})
+                    (void*)p.offsets, (void*)p.o_part, (void*)p.lse_part, (void*)p.lse, (void*)p.made_seqlens,
+                    (void*)p.made_hash, (void*)p.error})
     cudaFree(ptr);
 }
 
 cudaError_t split(const Case& c, const Problem& p) {
-  return dskernels::mla_decode_split(p.q, p.cache, p.num_pages, p.page_stride, p.bt, p.bt_stride, p.seqlens, p.items,
-                                     p.offsets, nullptr, p.max_items, p.B, c.s_q, c.H, c.scale, c.causal, p.o_part,
-                                     p.lse_part, p.out, p.lse, nullptr);
+  return dskernels::mla_decode_split(p.q, p.cache, p.num_pages, p.page_stride, p.bt, p.bt_stride, p.bt_stride,
+                                     p.seqlens, p.items, p.offsets, nullptr, p.made_seqlens, p.made_hash, p.error,
+                                     p.max_items, p.B, c.s_q, c.H, c.scale, c.causal, p.o_part, p.lse_part, p.out,
+                                     p.lse, nullptr);
 }
 
 cudaError_t run(const Case& c, const Problem& p) {
@@ -326,11 +334,11 @@ int check_case(const Case& c, std::mt19937& rng) {
   return failed;
 }
 
-int correctness() {
+int correctness(bool sanitize) {
   const float s = 1.0f / std::sqrt(float(D));
   // Per item the seesaw kernel pairs blocks (even: warpgroup 0, odd: warpgroup 1): the cases cover
   // items of 0, 1, 2, odd and even block counts and a partial last block at either parity.
-  const std::vector<Case> cases = {
+  const std::vector<Case> all = {
       {{1, 100}, 1, 16, false, 1, s, 0},
       {{64, 65, 128, 129}, 1, 16, false, 1, s, 0},
       {{2, 65, 1000}, 2, 16, true, 3, s, 0},
@@ -350,6 +358,11 @@ int correctness() {
       // the scheduler's split (device work list checked against the host's) on a ragged batch, 1 to 16k
       {{1, 100, 5000, 64, 65, 16384}, 1, 128, true, 0, s, 0},
   };
+  // Under compute-sanitizer (every access instrumented): single-item and combined batches, rows with
+  // nothing visible, a padded page stride, padded m-block rows, empty items and the scheduler's split.
+  const std::vector<Case> small = {all[0], all[3], all[4], all[6], all[9], all[12],
+                                   {{1, 100, 700, 64, 65}, 1, 128, true, 0, s, 0}};
+  const std::vector<Case>& cases = sanitize ? small : all;
   std::mt19937 rng(1234);
   int failures = 0;
   for (const Case& c : cases) failures += check_case(c, rng);
@@ -417,5 +430,5 @@ int bench() {
 
 int main(int argc, char** argv) {
   if (argc > 1 && std::strcmp(argv[1], "bench") == 0) return bench();
-  return correctness();
+  return correctness(argc > 1 && std::strcmp(argv[1], "sanitize") == 0);
 }

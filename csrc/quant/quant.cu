@@ -197,6 +197,7 @@ void dispatch_input(DType dtype, F&& f) {
 
 void quant_groups(const void* x, DType x_dtype, int rows, int cols, int64_t ld_x, void* q,
                   int64_t ld_q, float* s, int64_t s_r, int64_t s_g, bool pow2, cudaStream_t stream) {
+  require_sm90("quant_groups");
   const int64_t groups = int64_t(rows) * cdiv(cols, kBlock);
   if (groups >= (int64_t(1) << 32) - kGroupsPerCta)
     throw std::invalid_argument("quant_groups: more than 2^32 groups");
@@ -214,6 +215,7 @@ void quant_groups(const void* x, DType x_dtype, int rows, int cols, int64_t ld_x
 void quant_groups_transposed(const void* x, DType x_dtype, int M, int K, int64_t ld_x, void* q_t,
                              int64_t ld_q, float* s, int64_t s_r, int64_t s_g, bool pow2,
                              cudaStream_t stream) {
+  require_sm90("quant_groups_transposed");
   const dim3 grid(cdiv(K, kTileK), cdiv(M, kBlock));
   const bool vec_out = reinterpret_cast<uintptr_t>(q_t) % 4 == 0 && ld_q % 4 == 0;
   dispatch_input(x_dtype, [&](auto tag) {
@@ -227,6 +229,7 @@ void quant_groups_transposed(const void* x, DType x_dtype, int M, int K, int64_t
 
 void quant_blocks(const void* w, DType w_dtype, int N, int K, int64_t ld_w, void* q, int64_t ld_q,
                   float* s, int64_t s_r, int64_t s_g, bool pow2, cudaStream_t stream) {
+  require_sm90("quant_blocks");
   const dim3 grid(cdiv(K, kBlock), cdiv(N, kBlock));
   dispatch_input(w_dtype, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
@@ -241,6 +244,7 @@ void quant_blocks(const void* w, DType w_dtype, int N, int K, int64_t ld_w, void
 void dequant(const void* q, int rows, int cols, int64_t ld_q, const float* s, int64_t s_r,
              int64_t s_g, int block_rows, void* out, DType out_dtype, int64_t ld_out,
              cudaStream_t stream) {
+  require_sm90("dequant");
   const int64_t threads = int64_t(rows) * cdiv(cols, 8);
   const unsigned grid = unsigned((threads + kThreads - 1) / kThreads);
   const bool vec_in = reinterpret_cast<uintptr_t>(q) % 8 == 0 && ld_q % 8 == 0;

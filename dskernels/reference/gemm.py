@@ -22,13 +22,16 @@ def b_scale_per_row(b_scale: torch.Tensor, N: int) -> torch.Tensor:
     return b_scale.float().repeat_interleave(BLOCK, 0)[:N]         # 1D2D: [ceil(N/128)*128 -> N, Kb]
 
 
-def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16):
-    """a [M, K] e4m3, a_scale [M, K/128], b [N, K] e4m3, b_scale (see module) -> [M, N] out_dtype."""
+def fp8_gemm(a, a_scale, b, b_scale, out_dtype=torch.bfloat16, accumulate_dtype=torch.float32):
+    """a [M, K] e4m3, a_scale [M, K/128], b [N, K] e4m3, b_scale (see module) -> [M, N] out_dtype.
+    accumulate_dtype float64 gives the exact promoted sum (products of e4m3 values and their sums over
+    a block fit its 53 bits), which the tests measure kernels against."""
     M, K = a.shape
     N = b.shape[0]
-    af, bf = a.float(), b.float()
-    sa, sb = a_scale.float(), b_scale_per_row(b_scale, N)          # [M, Kb], [N, Kb]
-    acc = torch.zeros(M, N, dtype=torch.float32, device=a.device)
+    af, bf = a.to(accumulate_dtype), b.to(accumulate_dtype)
+    sa = a_scale.to(accumulate_dtype)                               # [M, Kb]
+    sb = b_scale_per_row(b_scale, N).to(accumulate_dtype)           # [N, Kb]
+    acc = torch.zeros(M, N, dtype=accumulate_dtype, device=a.device)
     for kb in range(K // BLOCK):
         k = slice(kb * BLOCK, (kb + 1) * BLOCK)
         partial = af[:, k] @ bf[:, k].t()                           # [M, N], one K block

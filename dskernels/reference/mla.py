@@ -15,6 +15,10 @@ Layouts (FlashMLA's): q [B, s_q, H, 576]; cache [num_pages, 64, 1, 576] bf16, pa
 one per 128, and the 64 RoPE dims in bf16; 656 bytes instead of 1152);
 block_table [B, max_pages] int32 (page of each 64-token block); cache_seqlens [B] int32, the tokens in
 the cache including the s_q query tokens. Causal: query token i sees positions t < L - s_q + i + 1.
+
+Also specified here: the work list the kernels split a decode step into (`schedule`), with the record
+of what it was made from (the lengths and a fingerprint of each batch's block table, `table_hash`) that
+every decode call checks its own inputs against (`mismatched`).
 """
 import math
 
@@ -87,15 +91,19 @@ def gather_cache(cache, block_table, b: int, length: int) -> torch.Tensor:
 
 def append_to_cache(cache, block_table, cache_seqlens, kv_latent, k_rope):
     """Write kv_latent [B, s, 512] and k_rope [B, s, 64] at positions cache_seqlens[b] + 0..s-1
-    (in place); returns the new lengths cache_seqlens + s."""
+    (in place); returns the new lengths cache_seqlens + s. A position whose block lies outside the
+    table, or whose page lies outside the cache, is not written (the decode flags such a batch)."""
     B, s, _ = kv_latent.shape
+    max_pages = block_table.shape[1]
     pos = cache_seqlens.long()[:, None] + torch.arange(s, device=cache.device)          # [B, s]
-    pages = torch.gather(block_table.long(), 1, pos // PAGE_SIZE)                       # [B, s]
+    in_table = (pos >= 0) & (pos < max_pages * PAGE_SIZE)
+    pages = torch.gather(block_table.long(), 1, (pos // PAGE_SIZE).clamp(0, max_pages - 1))  # [B, s]
+    ok = (in_table & (pages >= 0) & (pages < cache.shape[0])).reshape(-1)             # [B * s]
     if cache.dtype == torch.uint8:
         tokens = quantize_cache_rows(kv_latent, k_rope)                                 # [B, s, 656]
     else:
         tokens = torch.cat([kv_latent, k_rope], dim=-1).to(cache.dtype)                 # [B, s, 576]
-    cache[pages.reshape(-1), (pos % PAGE_SIZE).reshape(-1), 0] = tokens.reshape(-1, cache.shape[-1])
+    cache[pages.reshape(-1)[ok], (pos % PAGE_SIZE).reshape(-1)[ok], 0] = tokens.reshape(-1, cache.shape[-1])[ok]
     return cache_seqlens + s
 
 
@@ -104,12 +112,16 @@ def causal_visible(L: int, s_q: int, device) -> torch.Tensor:
     return torch.arange(L, device=device)[None, :] < (L - s_q + 1 + torch.arange(s_q, device=device))[:, None]
 
 
-def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale: float, causal: bool = True):
-    """q [B, s_q, H, 576] -> (out [B, s_q, H, 512] in q's dtype, lse [B, H, s_q] fp32), fp32 math."""
+def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale: float, causal: bool = True, skip=None):
+    """q [B, s_q, H, 576] -> (out [B, s_q, H, 512] in q's dtype, lse [B, H, s_q] fp32), fp32 math.
+    Batches where skip [B] bool is set are not read: their out and lse are NaN."""
     B, s_q, H, _ = q.shape
-    out = torch.empty(B, s_q, H, KV_LORA_RANK, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, H, s_q, dtype=torch.float32, device=q.device)
+    out = torch.full((B, s_q, H, KV_LORA_RANK), float("nan"), dtype=torch.float32, device=q.device)
+    lse = torch.full((B, H, s_q), float("nan"), dtype=torch.float32, device=q.device)
+    skip = [False] * B if skip is None else skip.tolist()
     for b in range(B):
+        if skip[b]:
+            continue
         L = int(cache_seqlens[b])
         kv = gather_cache(cache, block_table, b, L).float()                             # [L, 576]
         scores = torch.einsum("shd,td->sht", q[b].float(), kv) * softmax_scale           # [s_q, H, L]
@@ -137,3 +149,81 @@ def attention_unabsorbed(q_nope, q_pe, cache, block_table, cache_seqlens, wkv_b,
             scores = scores.masked_fill(~causal_visible(L, s_q, q.device)[:, None, :], float("-inf"))
         out[b] = torch.einsum("sht,thd->shd", scores.softmax(dim=-1), v)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The work list of a decode step and its record of the inputs it was made from.
+
+ERROR_INVALID = 1   # error[0] bit: a batch's block table or length was invalid when the list was made
+ERROR_MISMATCH = 2  # error[0] bit: a decode call's lengths or block table differed from the list's record
+_U32 = 0xFFFFFFFF
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """h * c mod 2**32 for h in [0, 2**32) (int64), in halves so no product leaves int64."""
+    return ((((h >> 16) * c) & 0xFFFF) << 16) + (h & 0xFFFF) * c & _U32
+
+
+def table_hash(block_table: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
+    """[B] int32: the fingerprint of each batch's block table over its ceil(L / 64) blocks (at most
+    max_pages): the sum mod 2**32 of one term per block, murmur3's 32-bit finalizer of
+    page * 0x9E3779B1 + k. For a fixed block k the term is a bijection of the page, so changing one
+    entry always changes the fingerprint; any other change escapes it with probability about 2**-32."""
+    B, max_pages = block_table.shape
+    k = torch.arange(max_pages, device=block_table.device)
+    h = (_mul32(block_table.long() & _U32, 0x9E3779B1) + k) & _U32                      # [B, max_pages]
+    h ^= h >> 16
+    h = _mul32(h, 0x85EBCA6B)
+    h ^= h >> 13
+    h = _mul32(h, 0xC2B2AE35)
+    h ^= h >> 16
+    blocks = ((cache_seqlens.long() + PAGE_SIZE - 1) // PAGE_SIZE).clamp(0, max_pages)    # [B]
+    total = torch.where(k[None, :] < blocks[:, None], h, 0).sum(1) & _U32
+    return torch.where(total >= 2**31, total - 2**32, total).int()                      # int32 bits
+
+
+def schedule(cache_seqlens: torch.Tensor, block_table: torch.Tensor, num_pages: int, s_q: int, num_parts: int):
+    """Split the batch into at most num_parts + B work items of whole 64-token blocks, and record what
+    the split was made from.
+
+    quota = ceil(total blocks / num_parts); a sequence gets round(blocks / quota) items (at least 1)
+    of near-equal length. Rounding rather than ceil lets an item hold up to 1.5 x quota but keeps
+    uniform batches in whole waves: B = 32, L = 16k, 128 heads gets 2 items of 128 blocks per
+    sequence (128 CTAs, one wave on 132 SMs) instead of 3 of 86 (192 CTAs, 1.45 waves).
+
+    Returns, all int32 on the lengths' device:
+      items [num_parts + B, 3]: (batch, first block, end block); batch -1 for unused slots
+      item_offsets [B + 1]: batch b owns items item_offsets[b] .. item_offsets[b+1]-1
+      bad [B]: 1 where a needed block-table entry is outside [0, num_pages), the length exceeds what
+               the table covers or is below s_q (that batch's output becomes NaN)
+      made_seqlens [B]: a copy of cache_seqlens; made_table_hash [B]: table_hash of the block table
+      error [2]: (ERROR_INVALID if any batch is bad else 0, the first bad batch or 2**31 - 1)
+    """
+    B, max_pages = block_table.shape
+    dev = cache_seqlens.device
+    L = cache_seqlens.long()
+    blocks = ((L + PAGE_SIZE - 1) // PAGE_SIZE).clamp(0, max_pages)                     # [B]
+    quota = ((blocks.sum() + num_parts - 1) // num_parts).clamp(min=1)
+    n = ((blocks + quota // 2) // quota).clamp(min=1)                                  # items per batch
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), n.cumsum(0)])   # [B + 1]
+    slot = torch.arange(num_parts + B, device=dev)
+    b = torch.searchsorted(offsets[1:], slot, right=True)                              # batch of a slot
+    used = b < B
+    b = b.clamp(max=B - 1)
+    chunk = (blocks[b] + n[b] - 1) // n[b]
+    j = slot - offsets[b]
+    start = (j * chunk).clamp(max=blocks[b])
+    end = ((j + 1) * chunk).clamp(max=blocks[b])
+    items = torch.stack([torch.where(used, b, -1), torch.where(used, start, 0), torch.where(used, end, 0)], 1)
+    needed = torch.arange(max_pages, device=dev)[None, :] < blocks[:, None]
+    bad_page = ((block_table < 0) | (block_table >= num_pages)) & needed
+    bad = bad_page.any(dim=1) | (L > max_pages * PAGE_SIZE) | (L < s_q)
+    first_bad = torch.where(bad, torch.arange(B, device=dev), 2**31 - 1).min()
+    error = torch.stack([bad.any().long() * ERROR_INVALID, first_bad]).int()
+    return (items.int(), offsets.int(), bad.int(), cache_seqlens.int().clone(), table_hash(block_table, L),
+            error)
+
+
+def mismatched(cache_seqlens, block_table, made_seqlens, made_table_hash) -> torch.Tensor:
+    """[B] bool: batches whose lengths or block table differ from the work list's record."""
+    return (cache_seqlens != made_seqlens) | (table_hash(block_table, cache_seqlens) != made_table_hash)

@@ -1,12 +1,14 @@
-"""Compile every Triton kernel for sm_90a on this machine, without a GPU, and report what the PTX
-holds. Run by test_triton_compile.py in a subprocess without TRITON_INTERPRET (under the interpreter
-the kernels are not JIT functions), so CI catches what only the compiler rejects (the interpreter
-accepts more) and sees whether the GEMMs lower to wgmma.
+"""Compile every Triton kernel for a GPU generation on this machine, without a GPU, and report what
+the PTX holds. Run by test_triton_compile.py in a subprocess without TRITON_INTERPRET (under the
+interpreter the kernels are not JIT functions), so CI catches what only the compiler rejects (the
+interpreter accepts more), for each generation dskernels.backend.SUPPORT lets the Triton kernels run on
+(sm_89, sm_90, sm_100), and sees whether the matrix products lower to wgmma on Hopper.
 
-    python -m conformance.triton_hopper_compile       prints one JSON line per kernel
+    python -m conformance.triton_compile [CAPABILITY]    one JSON line per kernel (default 90)
 """
 import json
 import os
+import sys
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -15,8 +17,6 @@ from triton.compiler import ASTSource
 from dskernels.triton import gemm as tg
 from dskernels.triton import mla as tm
 from dskernels.triton import quant as tq
-
-TARGET = GPUTarget("cuda", 90, 32)
 
 
 def kernels():
@@ -39,8 +39,9 @@ def kernels():
                    {"B_PER_ROW": per_row, "ACCUMULATE": acc, "EMULATE": False, **cfg.kwargs},
                    {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     split_sig = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i32", "seqlens_ptr": "*i32", "items_ptr": "*i32",
-                 "offsets_ptr": "*i32", "bad_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16",
-                 "lse_out_ptr": "*fp32", "num_pages": "i32", "page_stride": "i32", "bt_stride": "i32", "rows": "i32",
+                 "offsets_ptr": "*i32", "bad_ptr": "*i32", "made_seqlens_ptr": "*i32", "made_hash_ptr": "*i32",
+                 "error_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "lse_out_ptr": "*fp32",
+                 "num_pages": "i32", "page_stride": "i32", "bt_stride": "i32", "max_pages": "i32", "rows": "i32",
                  "H": "i32", "S_Q": "i32", "scale_log2": "fp32"}
     for block_h in (16, 32, 64):
         yield (f"mla_split(BLOCK_H={block_h})", tm._mla_split_kernel, split_sig,
@@ -52,16 +53,19 @@ def kernels():
                 "lse_out_ptr": "*fp32", "rows": "i32", "H": "i32", "S_Q": "i32"}
     yield ("mla_combine", tm._mla_combine_kernel, comb_sig, {"BLOCK_R": 16, "EMULATE": False}, {"num_warps": 4})
     app_sig = {"cache_ptr": "*bf16", "bt_ptr": "*i32", "seqlens_ptr": "*i32", "kv_ptr": "*bf16", "pe_ptr": "*bf16",
-               "page_stride": "i32", "bt_stride": "i32", "S": "i32"}
-    yield ("mla_append", tm._append_kernel, app_sig, {}, {"num_warps": 4})
+               "num_pages": "i32", "page_stride": "i32", "bt_stride": "i32", "max_pages": "i32", "S": "i32"}
+    yield ("mla_append", tm._append_kernel, app_sig, {"FP8_CACHE": False, "EMULATE": False}, {"num_warps": 4})
+    yield ("mla_append(fp8 cache)", tm._append_kernel, {**app_sig, "cache_ptr": "*u8"},
+           {"FP8_CACHE": True, "EMULATE": False}, {"num_warps": 4})
 
 
-def compile_all():
+def compile_all(capability: int):
     assert os.environ.get("TRITON_INTERPRET") != "1", "run without TRITON_INTERPRET"
+    target = GPUTarget("cuda", capability, 32)
     for name, fn, sig, constexprs, options in kernels():
         sig = {**sig, **{k: "constexpr" for k in constexprs}}
         try:
-            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=TARGET, options=options)
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target, options=options)
             ptx = k.asm["ptx"]
             row = {"kernel": name, "ok": True, "wgmma": ptx.count("wgmma.mma_async"),
                    "spills": k.n_spills if hasattr(k, "n_spills") else None, "regs": getattr(k, "n_regs", None)}
@@ -71,4 +75,4 @@ def compile_all():
 
 
 if __name__ == "__main__":
-    compile_all()
+    compile_all(int(sys.argv[1]) if len(sys.argv) > 1 else 90)
