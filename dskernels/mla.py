@@ -84,32 +84,28 @@ def absorb_query(q_nope, wkv_b):
     """q_nope [B, s, H, 128] -> q_latent [B, s, H, 512] = q_nope @ W_UK per head. wkv_b is
     DeepSeek-V3's kv_b_proj weight [H * 256, 512] (W_UK rows then W_UV rows per head), same dtype and
     device as q_nope (bf16, fp16 or fp32)."""
-    q_nope, wkv_b = _backend.as_tensor("q_nope", q_nope), _backend.as_tensor("wkv_b", wkv_b)
-    check_tensor("q_nope", q_nope, dtypes=FLOATS, ndim=4, contiguous=False)
-    if q_nope.shape[-1] != QK_NOPE_DIM:
-        raise ValueError(f"q_nope must be [B, s, H, {QK_NOPE_DIM}], got {tuple(q_nope.shape)}")
-    _check_wkv_b(wkv_b, q_nope)
-    return _ref.absorb_query(q_nope, wkv_b)
+    return _ref.absorb_query(*_checked_absorption("q_nope", q_nope, QK_NOPE_DIM, wkv_b))
 
 
 def absorb_output(o_latent, wkv_b):
     """o_latent [B, s, H, 512] (mla_decode's out) -> [B, s, H, 128] = o_latent @ W_UV^T per head;
     wkv_b as for absorb_query, same dtype and device as o_latent."""
-    o_latent, wkv_b = _backend.as_tensor("o_latent", o_latent), _backend.as_tensor("wkv_b", wkv_b)
-    check_tensor("o_latent", o_latent, dtypes=FLOATS, ndim=4, contiguous=False)
-    if o_latent.shape[-1] != KV_LORA_RANK:
-        raise ValueError(f"o_latent must be [B, s, H, {KV_LORA_RANK}], got {tuple(o_latent.shape)}")
-    _check_wkv_b(wkv_b, o_latent)
-    return _ref.absorb_output(o_latent, wkv_b)
+    return _ref.absorb_output(*_checked_absorption("o_latent", o_latent, KV_LORA_RANK, wkv_b))
 
 
-def _check_wkv_b(wkv_b, x):
+def _checked_absorption(name, x, dim, wkv_b):
+    """x [B, s, H, dim] and wkv_b [H * 256, 512] of x's dtype and device, as tensors."""
+    x, wkv_b = _backend.as_tensor(name, x), _backend.as_tensor("wkv_b", wkv_b)
+    check_tensor(name, x, dtypes=FLOATS, ndim=4, contiguous=False)
+    if x.shape[-1] != dim:
+        raise ValueError(f"{name} must be [B, s, H, {dim}], got {tuple(x.shape)}")
     check_tensor("wkv_b", wkv_b, dtypes=(x.dtype,), ndim=2, device=x.device)
     H = x.shape[2]
     if tuple(wkv_b.shape) != (H * (QK_NOPE_DIM + V_HEAD_DIM), KV_LORA_RANK):
         raise ValueError(f"wkv_b must be [H * {QK_NOPE_DIM + V_HEAD_DIM}, {KV_LORA_RANK}] = "
                          f"[{H * (QK_NOPE_DIM + V_HEAD_DIM)}, {KV_LORA_RANK}] for H = {H} heads, got "
                          f"{tuple(wkv_b.shape)}")
+    return x, wkv_b
 
 
 def softmax_scale(qk_head_dim: int = _ref.QK_HEAD_DIM, rope_factor: float = 1.0, mscale: float = 1.0) -> float:
@@ -167,9 +163,7 @@ def _metadata_op(cache_seqlens: torch.Tensor, block_table: torch.Tensor, num_pag
 
 @_metadata_op.register_fake
 def _(cache_seqlens, block_table, num_pages, s_q, parts, backend):
-    B = block_table.shape[0]
-    new = lambda *shape: block_table.new_empty(shape)  # noqa: E731
-    return new(parts + B, 3), new(B + 1), new(B), new(B), new(B), new(2)
+    return _metadata_tensors(block_table.shape[0], parts, block_table.device)
 
 
 def _check_lengths_and_table(cache_seqlens, block_table):

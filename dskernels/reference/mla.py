@@ -164,6 +164,11 @@ def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
     return ((((h >> 16) * c) & 0xFFFF) << 16) + (h & 0xFFFF) * c & _U32
 
 
+def blocks_of(cache_seqlens: torch.Tensor, max_pages: int) -> torch.Tensor:
+    """[B] int64: the 64-token blocks each batch's length needs, clamped to [0, max_pages]."""
+    return ((cache_seqlens.long() + PAGE_SIZE - 1) // PAGE_SIZE).clamp(0, max_pages)
+
+
 def table_hash(block_table: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.Tensor:
     """[B] int32: the fingerprint of each batch's block table over its ceil(L / 64) blocks (at most
     max_pages): the sum mod 2**32 of one term per block, murmur3's 32-bit finalizer of
@@ -177,7 +182,7 @@ def table_hash(block_table: torch.Tensor, cache_seqlens: torch.Tensor) -> torch.
     h ^= h >> 13
     h = _mul32(h, 0xC2B2AE35)
     h ^= h >> 16
-    blocks = ((cache_seqlens.long() + PAGE_SIZE - 1) // PAGE_SIZE).clamp(0, max_pages)    # [B]
+    blocks = blocks_of(cache_seqlens, max_pages)                                         # [B]
     total = torch.where(k[None, :] < blocks[:, None], h, 0).sum(1) & _U32
     return torch.where(total >= 2**31, total - 2**32, total).int()                      # int32 bits
 
@@ -202,7 +207,7 @@ def schedule(cache_seqlens: torch.Tensor, block_table: torch.Tensor, num_pages: 
     B, max_pages = block_table.shape
     dev = cache_seqlens.device
     L = cache_seqlens.long()
-    blocks = ((L + PAGE_SIZE - 1) // PAGE_SIZE).clamp(0, max_pages)                     # [B]
+    blocks = blocks_of(L, max_pages)                                                    # [B]
     quota = ((blocks.sum() + num_parts - 1) // num_parts).clamp(min=1)
     n = ((blocks + quota // 2) // quota).clamp(min=1)                                  # items per batch
     offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), n.cumsum(0)])   # [B + 1]
