@@ -39,18 +39,22 @@ def ceilings(timer):
 @pytest.fixture
 def report(benchmark, ceilings, timer):
     """report(op=..., backend=..., shape=..., fn=..., flops=..., bytes_moved=..., bound=...,
-    peer=..., peer_fn=...): times fn (and the peer) on the GPU, files the record, and runs
-    pytest-benchmark on a synchronized graph-free call so its own table exists too."""
-    def run(*, fn, peer_fn=None, more_peers=None, **fields):
-        time_us = timer(fn)
-        peer_us = timer(peer_fn) if peer_fn is not None else None
+    peer=..., peer_fn=..., more_peers={name: fn}, headline="graph"|"eager"): times fn and every peer
+    three ways (Timer.all: graph, eager, host), files the record, and runs pytest-benchmark on a
+    synchronized call so its own table exists too."""
+    def run(*, fn, peer_fn=None, more_peers=None, headline="graph", **fields):
+        times = timer.all(fn)
+        peer_times = timer.all(peer_fn) if peer_fn is not None else None
         extra = dict(fields.pop("extra", {}))
-        for name, other in (more_peers or {}).items():  # second peers: time and speedup
-            other_us = timer(other)
-            extra[f"{name}_us"] = round(other_us, 3)
-            extra[f"speedup_vs_{name}"] = round(other_us / time_us, 3)
-        rec = make_record(time_us=time_us, peer_us=peer_us, ceilings=ceilings, extra=extra, **fields)
+        for name, other in (more_peers or {}).items():  # second peers: their times and our speedups
+            other_times = timer.all(other)
+            extra.update({f"{name}_{k}": round(v, 3) for k, v in other_times.items()})
+            extra[f"{name}_us"] = round(other_times[f"{headline}_us"], 3)
+            extra[f"speedup_vs_{name}"] = round(other_times[f"{headline}_us"] / times[f"{headline}_us"], 3)
+        rec = make_record(times=times, peer_times=peer_times, ceilings=ceilings, headline=headline,
+                          extra=extra, **fields)
         _SESSION["records"].append(rec)
+        _write_results()
         benchmark.extra_info.update(rec)
         benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=10, warmup_rounds=1)
         return rec
@@ -61,11 +65,10 @@ def _key(rec):
     return rec["op"], rec["backend"], json.dumps(rec["shape"], sort_keys=True)
 
 
-def pytest_sessionfinish(session, exitstatus):
+def _write_results():
     """Merge this run's records into the GPU's results file: a record replaces the one with the same
-    op, backend and shape; records of benchmarks not run this time stay."""
-    if not _SESSION["records"]:
-        return
+    op, backend and shape; records of benchmarks not run this time stay. Called after every record, so a
+    run cut short by a time limit keeps what it measured."""
     meta = gpu_metadata()
     path = RESULTS / f"{gpu_slug(meta['gpu'])}.json"
     old = json.loads(path.read_text())["records"] if path.exists() else []

@@ -1,15 +1,21 @@
 """The benchmark timer, the ceilings, and the result records (DESIGN.md section 4).
 
-Timer: the op is captured once in a CUDA graph; each sample flushes L2 (reads a buffer five times its
-size, outside the timed region), then times one graph replay with CUDA events. The flush reads rather
-than writes: L2 is write-back, so a written flush buffer would leave up to 50 MB of dirty lines that
-the timed op then pays to write back (about 17 us of HBM time on an H100, against a 38 us
-quantization); a read leaves clean lines, and the previous replay's dirty output drains during the
-flush. The median of the
-samples is reported. Graph replay removes Python and launch overhead, which would otherwise dominate
-the small-M and decode shapes.
+Three times per op, each the median of its samples:
+- graph_us: the op captured once in a CUDA graph, one replay timed with CUDA events: the kernels alone,
+  without Python or launch overhead (what a CUDA-graph user sees, and what the ceilings compare with).
+- eager_us: one eager call between CUDA events, started on an idle GPU (synchronized after the flush),
+  so the host's work before the first launch and between launches counts: what a user calling the op
+  eagerly sees when the GPU is not already busy.
+- host_us: the host time of one call, from calls made back to back without a sync (the GPU queue hides
+  the kernels): what each call costs the CPU, the budget that decides whether eager code keeps the GPU fed.
+Before each graph and eager sample L2 is flushed by reading a buffer five times its size, outside the
+timed region. The flush reads rather than writes: L2 is write-back, so a written flush buffer would leave
+up to 50 MB of dirty lines that the timed op then pays to write back (about 17 us of HBM time on an
+H100, against a 38 us quantization); a read leaves clean lines, and the previous replay's dirty output
+drains during the flush.
 """
 import statistics
+import time
 
 import torch
 
@@ -17,28 +23,60 @@ L2_FLUSH_BYTES = 256 * 2**20
 
 
 class Timer:
-    def __init__(self, samples: int = 50, warmup: int = 5):
-        self.samples, self.warmup = samples, warmup
+    def __init__(self, samples: int = 50, warmup: int = 5, host_calls: int = 20):
+        self.samples, self.warmup, self.host_calls = samples, warmup, host_calls
         self._flush = torch.ones(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
         self._sink = torch.zeros((), dtype=torch.int64, device="cuda")
 
-    def __call__(self, fn) -> float:
-        """Median GPU time of fn() in microseconds."""
-        for _ in range(self.warmup):  # compiles Triton kernels, creates handles: never captured
+    def _flush_l2(self):
+        torch.sum(self._flush, dim=0, out=self._sink)
+
+    def _warm(self, fn):
+        for _ in range(self.warmup):  # compiles Triton kernels, creates handles, fills caches
             fn()
         torch.cuda.synchronize()
+
+    def __call__(self, fn) -> float:
+        """Median CUDA-graph replay time of fn() in microseconds."""
+        self._warm(fn)
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
             fn()
         torch.cuda.current_stream().wait_stream(stream)
+        return self._events(graph.replay, sync_after_flush=False)
+
+    def eager(self, fn) -> float:
+        """Median time of one eager fn() between CUDA events, started on an idle GPU, in microseconds."""
+        self._warm(fn)
+        return self._events(fn, sync_after_flush=True)
+
+    def host(self, fn) -> float:
+        """Host microseconds per fn() call, back to back without a sync (the best of five runs)."""
+        self._warm(fn)
+        best = float("inf")
+        for _ in range(5):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(self.host_calls):
+                fn()
+            best = min(best, (time.perf_counter() - start) / self.host_calls * 1e6)
+        torch.cuda.synchronize()
+        return best
+
+    def all(self, fn) -> dict:
+        return {"graph_us": self(fn), "eager_us": self.eager(fn), "host_us": self.host(fn)}
+
+    def _events(self, run, sync_after_flush):
         times = []
         for _ in range(self.samples):
-            torch.sum(self._flush, dim=0, out=self._sink)
+            self._flush_l2()
+            if sync_after_flush:
+                torch.cuda.synchronize()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            graph.replay()
+            run()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) * 1e3)
@@ -112,26 +150,34 @@ def gpu_slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
-def make_record(*, op, backend, shape, time_us, flops=0, bytes_moved=0, ceilings, bound,
-                peer=None, peer_us=None, extra=None) -> dict:
-    """One result: time, TFLOPS and GB/s, the fraction of the ceiling that bounds this op
-    (bound: "copy_GBps", "bf16_TFLOPS", "fp8_TFLOPS", or "roofline": max(bytes / copy, FLOPs / bf16)
-    as a time), and the speedup over the peer measured
-    in the same run (peer time / our time). extra: further fields (second peers, anchor lines)."""
-    tflops = flops / time_us / 1e6
-    gbps = bytes_moved / time_us / 1e3
+def make_record(*, op, backend, shape, times, flops=0, bytes_moved=0, ceilings, bound, peer=None,
+                peer_times=None, headline="graph", extra=None) -> dict:
+    """One result. times / peer_times: Timer.all's graph_us, eager_us and host_us of ours and of the peer
+    measured in the same run. TFLOPS, GB/s and the fraction of the ceiling that bounds the op (bound:
+    "copy_GBps", "bf16_TFLOPS", "fp8_TFLOPS", or "roofline": max(bytes / copy, FLOPs / bf16) as a time)
+    are of the kernel time (graph_us). headline ("graph" or "eager": how the op's users call it) picks
+    time_us, peer_us and speedup_vs_peer (peer time / ours); both ratios are kept besides.
+    extra: further fields (second peers, anchor lines)."""
+    graph_us = times["graph_us"]
+    tflops = flops / graph_us / 1e6
+    gbps = bytes_moved / graph_us / 1e3
     if bound == "roofline":  # the slower of moving the bytes and doing the bf16 math
         floor_us = max(bytes_moved / ceilings["copy_GBps"] / 1e3, flops / ceilings["bf16_TFLOPS"] / 1e6)
-        fraction = floor_us / time_us
+        fraction = floor_us / graph_us
     else:
         fraction = (gbps if bound == "copy_GBps" else tflops) / ceilings[bound]
-    rec = {"op": op, "backend": backend, "shape": shape, "time_us": round(time_us, 3),
+    rec = {"op": op, "backend": backend, "shape": shape, "headline": headline,
+           "time_us": round(times[f"{headline}_us"], 3), **{k: round(v, 3) for k, v in times.items()},
            "TFLOPS": round(tflops, 2), "GBps": round(gbps, 1), "bound": bound,
            "fraction_of_ceiling": round(fraction, 4),
            # the same-run ceilings the fraction is of (a results file merges records of several runs)
            "ceilings": {k: round(ceilings[k], 1) for k in ("copy_GBps", "bf16_TFLOPS", "fp8_TFLOPS")}}
     if peer is not None:
-        rec.update(peer=peer, peer_us=round(peer_us, 3), speedup_vs_peer=round(peer_us / time_us, 3))
+        rec.update(peer=peer, peer_us=round(peer_times[f"{headline}_us"], 3),
+                   speedup_vs_peer=round(peer_times[f"{headline}_us"] / times[f"{headline}_us"], 3),
+                   **{f"peer_{k}": round(v, 3) for k, v in peer_times.items()},
+                   graph_speedup_vs_peer=round(peer_times["graph_us"] / times["graph_us"], 3),
+                   eager_speedup_vs_peer=round(peer_times["eager_us"] / times["eager_us"], 3))
     rec.update(extra or {})
     return rec
 

@@ -15,10 +15,14 @@ def ratio(x) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def us(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
 # The anchors' figures a record may carry (bench/anchors.json, another run): name, field, our speed as a
 # multiple of theirs.
 ANCHORS = [("DeepGEMM", "deepgemm_tflops", lambda r, tflops: r["TFLOPS"] / tflops),
-           ("FlashMLA", "flashmla_us", lambda r, us: us / r["time_us"])]
+           ("FlashMLA", "flashmla_us", lambda r, theirs: theirs / r.get("graph_us", r["time_us"]))]
 
 
 def tables(data: dict) -> str:
@@ -32,14 +36,18 @@ def tables(data: dict) -> str:
     for op, recs in by_op.items():
         peer = next((r["peer"] for r in recs if r.get("peer")), "-")
         others = sorted({k for r in recs for k in r if k.startswith("speedup_vs_") and k != "speedup_vs_peer"})
+        heads = {r.get("headline", "graph") for r in recs}
         anchors = [a for a in ANCHORS if any(a[1] in r for r in recs)]
-        head = ["shape", "backend", "time (us)", "TFLOPS", "GB/s", "of ceiling", "vs peer"]
-        head += [f"vs {k[len('speedup_vs_'):]}" for k in others] + [f"vs {a[0]} (other run)" for a in anchors]
+        head = ["shape", "backend", "graph (us)", "eager (us)", "host (us)", "TFLOPS", "GB/s", "of ceiling",
+                "peer graph / eager / host (us)", "vs peer (graph)", "vs peer (eager)"]
+        head += [f"vs {k[len('speedup_vs_'):]} ({'/'.join(sorted(heads))})" for k in others] + [f"vs {a[0]} (other run)" for a in anchors]
         lines += [f"**{op}** (peer: {peer})", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for r in sorted(recs, key=lambda r: (fmt_shape(r["shape"]), r["backend"])):
-            row = [fmt_shape(r["shape"]), r["backend"], f"{r['time_us']:.1f}", f"{r['TFLOPS']:.1f}",
-                   f"{r['GBps']:.0f}", f"{100 * r['fraction_of_ceiling']:.0f}% {r['bound']}",
-                   ratio(r.get("speedup_vs_peer"))]
+            row = [fmt_shape(r["shape"]), r["backend"], us(r.get("graph_us", r["time_us"])), us(r.get("eager_us")),
+                   us(r.get("host_us")), f"{r['TFLOPS']:.1f}", f"{r['GBps']:.0f}",
+                   f"{100 * r['fraction_of_ceiling']:.0f}% {r['bound']}",
+                   " / ".join(us(r.get(f"peer_{k}_us")) for k in ("graph", "eager", "host")),
+                   ratio(r.get("graph_speedup_vs_peer", r.get("speedup_vs_peer"))), ratio(r.get("eager_speedup_vs_peer"))]
             row += [ratio(r.get(k)) for k in others]
             row += [ratio(speed(r, r[key]) if key in r else None) for _, key, speed in anchors]
             lines.append("| " + " | ".join(row) + " |")

@@ -112,3 +112,46 @@ def test_mla_metadata(report, B):
            fn=lambda: mla.get_mla_metadata(lens, block_table, n, s_q, H, backend="cuda"),
            bytes_moved=block_table.numel() * 4 + B * 4, bound="copy_GBps", peer="torch ops (reference)",
            peer_fn=lambda: mla.get_mla_metadata(lens, block_table, n, s_q, H, backend="reference"))
+
+
+RAGGED = [(1, 700, 4096, 16384), (33, 2048, 9000, 12000, 16384, 5), (16384, 128, 64, 1000, 3000)]
+
+
+def setup_ragged(lens, H, s_q=1):
+    """Sequences of the given lengths over one shuffled page pool; the block table padded with -1."""
+    pages = [-(-L // 64) for L in lens]
+    perm = torch.randperm(sum(pages), device="cuda", dtype=torch.int32)
+    block_table = torch.full((len(lens), max(pages)), -1, dtype=torch.int32, device="cuda")
+    start = 0
+    for b, n in enumerate(pages):
+        block_table[b, :n] = perm[start:start + n]
+        start += n
+    cache = torch.randn(sum(pages), 64, 1, 576, device="cuda").to(torch.bfloat16)
+    q = torch.randn(len(lens), s_q, H, 576, device="cuda").to(torch.bfloat16)
+    return q, cache, block_table, torch.tensor(lens, dtype=torch.int32, device="cuda")
+
+
+DEFAULT_CASES = [("ragged", lens, 128) for lens in RAGGED] + [("ragged", lens, 16) for lens in RAGGED[:2]] + \
+    [("uniform", (B, L), H) for B, L, H, s_q in SHAPES if s_q == 1][:3]
+
+
+@pytest.mark.parametrize("case", DEFAULT_CASES, ids=lambda c: f"{c[0]}-{'-'.join(map(str, c[1]))}-H{c[2]}")
+def test_mla_decode_default_call(report, case):
+    """The README's default call, mla_decode(q, cache, block_table, cache_seqlens, scale) with no
+    metadata (made inside: one more small launch, no sync), eager as a decode loop calls it, against the
+    fast path (metadata made beforehand, once per step) on the same inputs."""
+    kind, dims, H = case
+    if kind == "ragged":
+        q, cache, block_table, lens = setup_ragged(dims, H)
+    else:
+        q, cache, block_table, lens = setup(dims[0], dims[1], H, 1)
+    scale = ref.softmax_scale()
+    md = mla.get_mla_metadata(lens, block_table, cache.shape[0], 1, H)
+    L = int(lens.sum())
+    report(op="mla_decode_default", backend="auto", shape={"lens": list(map(int, lens.tolist())), "H": H},
+           fn=lambda: mla.mla_decode(q, cache, block_table, lens, scale),
+           flops=2 * H * L * (576 + 512), bytes_moved=L * 576 * 2 + q.numel() * 2 + q.shape[0] * H * 512 * 2,
+           bound="roofline", peer="the fast path (metadata made beforehand)",
+           peer_fn=lambda: mla.mla_decode(q, cache, block_table, lens, scale, metadata=md), headline="eager",
+           more_peers={"plain_pytorch": lambda: torch_absorbed(q, cache, block_table, lens, scale)}
+           if kind == "uniform" else None)

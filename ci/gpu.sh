@@ -63,10 +63,16 @@ if has sanitize; then
       [ "$tool" = initcheck ] && { filter=(); what="(all)"; }
       echo "--- $tool (kernels matching $what)" >>"$log"
       timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool "$tool" "${filter[@]}" --error-exitcode 9 \
-        "$1" sanitize >>"$log" 2>&1
-      local rc=$? summary
-      summary=$(tail -4 "$log" | grep -E "SUMMARY" | tr -s ' =' ' ' | tr '\n' ';')
-      echo "$tool $(basename "$1"): exit $rc in $((SECONDS - start)) s:${summary:- no summary line}" >>"$log"
+        "$1" sanitize >"$log.$tool" 2>&1
+      local rc=$? summary note=""
+      cat "$log.$tool" >>"$log"
+      summary=$(tail -4 "$log.$tool" | grep -E "SUMMARY" | tr -s ' =' ' ' | tr '\n' ';')
+      # racecheck hazards count only where they are not triaged (csrc/mla/NOTES.md: the tool's false
+      # positives on named-barrier hand-offs, shown on ci/racecheck_probe.cu; every site is marked)
+      if [ "$tool" = racecheck ] && [ "$rc" -eq 9 ] && python3 ci/racecheck_triage.py "$log.$tool" >>"$log"; then
+        rc=0; note=" all at sites triaged as the tool's false positives (csrc/mla/NOTES.md)"
+      fi
+      echo "$tool $(basename "$1"): exit $rc in $((SECONDS - start)) s:${summary:- no summary line}$note" >>"$log"
       [ "$rc" -eq 0 ] || echo "$tool $(basename "$1") FAILED" >>/tmp/sanitize-failed
     done
   }
@@ -75,9 +81,18 @@ if has sanitize; then
     case $src in *gemm*) kernels=fp8_gemm_kernel ;; *mla*) kernels=mla_ ;; *) kernels=quant ;; esac
     sanitize_one "/tmp/$(basename "$src" .cu)" "$kernels" &
   done
+  # The evidence for the triage: the MLA kernel's barrier protocol alone, correct by construction, which
+  # racecheck reports all the same (hazards expected here; they do not fail the phase).
+  if nvcc -std=c++17 -O3 -lineinfo -gencode=arch=compute_90a,code=sm_90a -Icsrc ci/racecheck_probe.cu \
+       -o /tmp/racecheck_probe >/tmp/sanitize-probe.log 2>&1; then
+    for mode in 0 1; do
+      echo "racecheck probe (ci/racecheck_probe.cu) mode $mode: $(timeout 120 compute-sanitizer --tool racecheck \
+        /tmp/racecheck_probe $mode 2>&1 | grep -E "SUMMARY" | tr -s ' =' ' ')" >>/tmp/sanitize-probe.log
+    done
+  fi
   wait
-  cat /tmp/sanitize-*_selftest.log >"$out/sanitize.log"
-  grep -E "^(memcheck|racecheck|synccheck|initcheck) " "$out/sanitize.log"
+  cat /tmp/sanitize-*_selftest.log /tmp/sanitize-probe.log >"$out/sanitize.log"
+  grep -E "^(memcheck|racecheck|synccheck|initcheck) |^racecheck (triage|probe)" "$out/sanitize.log"
   [ -e /tmp/sanitize-failed ] && status=1
 fi
 if has sweep; then

@@ -53,6 +53,12 @@ def _flatten(result):
     return [result]
 
 
+def as_bytes(t):
+    """t's elements as bytes, in row-major order (copied into a fresh buffer: any strides, size-1 dims too)."""
+    flat = torch.empty(t.numel(), dtype=t.dtype, device=t.device).copy_(t.detach().reshape(-1))
+    return flat.view(torch.uint8).cpu()
+
+
 def twice_poisoned(fn):
     """fn() under each poison in POISONS; the results (tensors, or tuples of them and plain values)
     must be identical bit for bit. Returns the first."""
@@ -64,10 +70,9 @@ def twice_poisoned(fn):
     assert len(first) == len(second)
     for i, (x, y) in enumerate(zip(first, second)):
         if isinstance(x, torch.Tensor):
-            same = x.shape == y.shape and torch.equal(x.contiguous().view(torch.uint8).cpu(),
-                                                      y.contiguous().view(torch.uint8).cpu())
+            same = x.shape == y.shape and torch.equal(as_bytes(x), as_bytes(y))
             if not same:
-                diff = (x.contiguous().view(torch.uint8) != y.contiguous().view(torch.uint8)).sum().item()
+                diff = (as_bytes(x) != as_bytes(y)).sum().item()
                 raise AssertionError(f"output {i} depends on the poison: {diff} bytes differ between runs with "
                                      f"fill bytes {POISONS[0]:#x} and {POISONS[1]:#x} (elements left unwritten)")
         else:

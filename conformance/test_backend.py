@@ -8,7 +8,7 @@ import torch
 
 from dskernels import backend
 
-FP8_OPS = ["per_token_group_quant", "per_token_group_quant_transposed", "per_block_quant", "dequant", "fp8_gemm"]
+FP8_OPS = ["per_token_group_quant", "per_token_group_quant_transposed", "per_token_group_quant_both", "per_block_quant", "dequant", "fp8_gemm"]
 # (capability, what "auto" picks for: the FP8 ops, mla_decode, the FP8-cache decode, get_mla_metadata,
 # append_to_cache, the FP8-cache append)
 GENERATIONS = [
@@ -25,6 +25,7 @@ GENERATIONS = [
 def fake_gpu(monkeypatch):
     """A CUDA device of the given capability, with the extension and Triton importable."""
     def make(cap):
+        monkeypatch.setattr(backend, "_RESOLVED", {})  # choices cached for the real GPU do not apply
         monkeypatch.setattr(backend, "capability", lambda device: cap)
         monkeypatch.setattr(backend, "_C", backend._C or object())
         monkeypatch.setattr(backend, "_TRITON_ERROR", None)
@@ -65,6 +66,7 @@ def test_an_op_without_the_backend_raises_instead_of_falling_back(fake_gpu):
 
 def test_auto_never_picks_the_interpreter_for_cpu_tensors(monkeypatch):
     monkeypatch.setattr(backend, "TRITON_INTERPRET", True)
+    monkeypatch.setattr(backend, "_RESOLVED", {})
     cpu = torch.device("cpu")
     assert all(backend.resolve(op, "auto", cpu) == "reference" for op in backend.SUPPORT)
     if backend._TRITON_ERROR is None:

@@ -1,7 +1,7 @@
 """Block-wise FP8 GEMM: tier 1 (every backend vs the exact promoted sum on the same e4m3 inputs, three
 checks shown able to catch planted bugs), tier 2 (vs the exact GEMM of the unquantized inputs, with a
-bound from E4M3's precision that also catches a kernel skipping promotion), a Linear layer's three
-GEMMs against bf16 autograd, and the op contract (opcheck, torch.compile, bad input)."""
+bound from E4M3's precision that also catches a kernel skipping promotion), and the op contract
+(opcheck, torch.compile, bad input). A Linear layer's three GEMMs: test_linear.py."""
 import functools
 
 import pytest
@@ -11,7 +11,6 @@ import dskernels
 from conformance.conftest import DEVICE, ON_GPU, available, backends_for, gpu_only, random_input, twice_poisoned
 from conformance.tolerances import assert_finite, diff, gemm_tier1_errors, gemm_tier2_bound
 from dskernels.backend import TRITON_INTERPRET
-from dskernels.linear import fp8_linear
 from dskernels.reference import gemm as ref
 from dskernels.reference import quant as rq
 from dskernels.shapes import GEMM_M, GEMM_NK
@@ -169,43 +168,6 @@ def test_skipping_promotion_is_caught():
     assert ratio > 1, f"the bound is too loose: the no-promotion error is only {ratio:.3g} x the bound"
 
 
-# --- a Linear layer's three GEMMs ----------------------------------------------------------------
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("N", [384, 576, 200], ids=lambda n: f"N{n}")
-def test_linear_layer_forward_and_gradients_match_bf16_autograd(backend, N):
-    """y = x W^T through the three FP8 GEMMs against bf16 autograd on the same data, for out_features
-    a multiple of 128 and not (576 and 200: the input gradient's reduction is padded), and a token
-    count that is not (the weight gradient's): tier-2 agreement as diff (about the squared relative
-    error; E4M3 gives ~1e-3)."""
-    M, K = (250, 512) if not ON_GPU else (1000, 2048)
-    x = random_input((M, K), torch.bfloat16, seed=1, outliers=False).requires_grad_()
-    w = (random_input((N, K), torch.float32, seed=2, outliers=False) * 0.05).requires_grad_()
-    dy = random_input((M, N), torch.bfloat16, seed=3, outliers=False)
-    y = fp8_linear(x, w, backend=backend)
-    y.backward(dy)
-    x_ref = x.detach().clone().requires_grad_()
-    w_ref = w.detach().clone().to(torch.bfloat16).requires_grad_()
-    y_ref = x_ref @ w_ref.T
-    y_ref.backward(dy)
-    for name, got, want in [("y", y, y_ref), ("dx", x.grad, x_ref.grad), ("dW", w.grad, w_ref.grad)]:
-        assert got.shape == want.shape, name
-        assert_finite(name, got)
-        d = diff(got, want)
-        assert d < 2e-3, f"{name}: diff {d:.3g} vs bf16 autograd"
-    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
-
-
-def test_linear_layer_refuses_what_cannot_work():
-    x = random_input((8, 200), torch.bfloat16)
-    with pytest.raises(ValueError, match=r"x's last dimension \(in_features.*multiple of 128, got 200"):
-        fp8_linear(x, random_input((64, 200), torch.bfloat16))
-    with pytest.raises(ValueError, match=r"weight must be \[out_features, 256\]"):
-        fp8_linear(random_input((8, 256), torch.bfloat16), random_input((64, 128), torch.bfloat16))
-    with pytest.raises(TypeError, match="weight must have dtype"):
-        fp8_linear(random_input((8, 256), torch.bfloat16), torch.ones(64, 256, dtype=torch.int32, device=DEVICE))
-
-
 # --- the op contract --------------------------------------------------------------------------
 
 # opcheck's test_schema multiplies the inputs to detect mutation, which torch cannot do on float8 tensors
@@ -274,6 +236,20 @@ def test_bad_input_raises():
         gemm(a, sa, b, sb, backend="cublas")
     with pytest.raises(TypeError, match="backend must be a str"):
         gemm(a, sa, b, sb, backend=None)
+
+
+def test_checks_are_not_skipped_after_a_good_call():
+    """Eager calls reuse the checks' verdict per argument signature: a call that differs from a good one
+    in anything a rule reads (a value's type, a dtype, a stride, a device) is checked again."""
+    (a, sa, b, sb), _ = quantized_operands(64, 256, 256, seed=0)
+    out = torch.zeros(64, 256, device=DEVICE)
+    dskernels.fp8_gemm(a, sa, b, sb, out=out, accumulate=True)
+    with pytest.raises(TypeError, match="accumulate must be a bool"):
+        dskernels.fp8_gemm(a, sa, b, sb, out=out, accumulate=1)
+    with pytest.raises(TypeError, match="b must have dtype"):
+        dskernels.fp8_gemm(a, sa, b.view(torch.uint8), sb, out=out, accumulate=True)
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        dskernels.fp8_gemm(a, sa, b, sb, out=torch.zeros(256, 64, device=DEVICE).t(), accumulate=True)
 
 
 @gpu_only

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dskernels
-from conformance.conftest import DEVICE, ON_GPU, backends_for, gpu_only, random_input, seed_of, twice_poisoned
+from conformance.conftest import (DEVICE, ON_GPU, as_bytes, backends_for, gpu_only, random_input, seed_of,
+                                  twice_poisoned)
 from conformance.tolerances import (assert_same_float, assert_same_fp8, e4m3_roundtrip_bound)
 from dskernels.reference import quant as ref
 from dskernels.shapes import QUANT_ACTIVATIONS, QUANT_ODD, QUANT_WEIGHTS
@@ -88,6 +89,32 @@ def test_transposed_options(backend, scale_layout, dtype):
     q_ref, s_ref = ref.per_token_group_quant(x.cpu().t().contiguous(), pow2_scale=True)
     assert_same_fp8("q_t", q_t, q_ref)
     assert_same_float("scale", s, s_ref)
+
+
+BOTH_SHAPES = QUANT_ODD + [(300, 1024)] + (QUANT_ACTIVATIONS if ON_GPU else [])
+
+
+@pytest.mark.parametrize("backend", backends_for("per_token_group_quant_both"))
+@pytest.mark.parametrize("shape", BOTH_SHAPES, ids=str)
+@pytest.mark.parametrize("pad", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_both_ways_at_once_match_the_two_references(backend, shape, pad, dtype):
+    """per_token_group_quant_both = per_token_group_quant and per_token_group_quant_transposed, byte for
+    byte, plus (pad=True) zero columns up to a multiple of 128 in q and q_t."""
+    M, K = shape
+    x = random_input(shape, dtype, seed=seed_of("both", shape, str(dtype)))
+    q, s, q_t, s_t = twice_poisoned(lambda: dskernels.per_token_group_quant_both(
+        x, scale_layout="col", pad=pad, backend=backend))
+    q_ref, s_ref = ref.per_token_group_quant(x.cpu())
+    qt_ref, st_ref = ref.per_token_group_quant_transposed(x.cpu())
+    K_out, M_out = (ref.cdiv(K, 128) * 128, ref.cdiv(M, 128) * 128) if pad else (K, M)
+    assert q.shape == (M, K_out) and q_t.shape == (K, M_out) and q.is_contiguous() and q_t.is_contiguous()
+    assert_same_fp8("q", q[:, :K], q_ref)
+    assert_same_fp8("q_t", q_t[:, :M], qt_ref)
+    assert (q[:, K:].view(torch.uint8) == 0).all() and (q_t[:, M:].view(torch.uint8) == 0).all(), "padding"
+    assert_same_float("scale", s, s_ref)
+    assert_same_float("scale_t", s_t, st_ref)
+    assert s.stride() == (1, ref.cdiv(M, 4) * 4) and s_t.stride() == (1, ref.cdiv(K, 4) * 4), "MN-major scales"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -209,7 +236,8 @@ def test_fuzz_shapes_and_magnitudes(backend, M, K, dtype, pow2, log_magnitude, s
 # --- bad input: a clear exception before any launch -------------------------------------------
 
 @pytest.mark.parametrize("fn", [dskernels.per_token_group_quant, dskernels.per_token_group_quant_transposed,
-                                dskernels.per_block_quant], ids=lambda f: f.__name__)
+                                dskernels.per_token_group_quant_both, dskernels.per_block_quant],
+                         ids=lambda f: f.__name__)
 def test_bad_input_raises(fn):
     name = "w" if fn is dskernels.per_block_quant else "x"
     good = random_input((8, 256), torch.bfloat16)
@@ -273,6 +301,7 @@ def test_ops_pass_torch_library_opcheck():
     ops = torch.ops.dskernels
     for op, args in [(ops.per_token_group_quant, (x, False, "col", "reference")),
                      (ops.per_token_group_quant_transposed, (x, True, "row", "reference")),
+                     (ops.per_token_group_quant_both, (x, False, "col", True, "reference")),
                      (ops.per_block_quant, (x, False, "reference")),
                      (ops.dequant, (*ref.per_block_quant(x), 128, torch.float32, "reference"))]:
         torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
@@ -286,10 +315,11 @@ def test_compiles_with_torch_compile_fullgraph(backend):
         q, s = dskernels.per_token_group_quant(t, scale_layout="col", backend=backend)
         q_t, s_t = dskernels.per_token_group_quant_transposed(t, backend=backend)
         w, w_s = dskernels.per_block_quant(t, backend=backend)
-        return q, s, q_t, s_t, w, w_s, dskernels.dequant(q, s, backend=backend)
+        both = dskernels.per_token_group_quant_both(t, scale_layout="col", pad=True, backend=backend)
+        return q, s, q_t, s_t, w, w_s, dskernels.dequant(q, s, backend=backend), *both
     got = torch.compile(step, fullgraph=True, backend="eager")(x)
     for g, w in zip(got, step(x)):
-        assert torch.equal(g.contiguous().view(torch.uint8), w.contiguous().view(torch.uint8))
+        assert torch.equal(as_bytes(g), as_bytes(w))
 
 
 @gpu_only

@@ -106,6 +106,12 @@ PYBIND11_MODULE(_C, m) {
     quant_groups_transposed(ptr(x), DType(dtype), M, K, ld_x, ptr(q_t), ld_q, ptr<float>(s), s_r,
                             s_g, pow2, stream(st));
   });
+  m.def("quant_groups_both", [](uintptr_t x, int dtype, int M, int K, int64_t ld_x, uintptr_t q, int64_t ld_q,
+                                int K_out, uintptr_t s, int64_t s_r, int64_t s_g, uintptr_t q_t, int64_t ld_qt,
+                                int M_out, uintptr_t st, int64_t st_r, int64_t st_g, bool pow2, uintptr_t strm) {
+    quant_groups_both(ptr(x), DType(dtype), M, K, ld_x, ptr(q), ld_q, K_out, ptr<float>(s), s_r, s_g, ptr(q_t),
+                      ld_qt, M_out, ptr<float>(st), st_r, st_g, pow2, stream(strm));
+  });
   m.def("quant_blocks", [](uintptr_t w, int dtype, int N, int K, int64_t ld_w, uintptr_t q,
                            int64_t ld_q, uintptr_t s, int64_t s_r, int64_t s_g, bool pow2,
                            uintptr_t st) {

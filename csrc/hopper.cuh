@@ -455,7 +455,7 @@ __device__ __forceinline__ void wgmma_m64n256k16_bf16_rs_tnspb(float (&d)[128], 
 
 // Named barrier `id` (1..15; 0 is __syncthreads) over `threads` threads (a multiple of 32).
 __device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");  // racecheck FP (mla/NOTES.md)
 }
 
 // 2^x with the MUFU approximation (ex2(-inf) = +0, flushes subnormal results to zero).

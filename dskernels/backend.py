@@ -51,6 +51,7 @@ BF16 = ((8, 0), None)     # Triton kernels on bf16/fp32 tensors only
 SUPPORT = {  # op -> {backend: capability range}; a backend not listed has no implementation of the op
     "per_token_group_quant": {"cuda": SM90, "triton": FP8},
     "per_token_group_quant_transposed": {"cuda": SM90, "triton": FP8},
+    "per_token_group_quant_both": {"cuda": SM90, "triton": FP8},
     "per_block_quant": {"cuda": SM90, "triton": FP8},
     "dequant": {"cuda": SM90, "triton": FP8},
     "fp8_gemm": {"cuda": SM90, "triton": FP8},
@@ -121,21 +122,46 @@ def why_unavailable(op: str, backend: str, device: torch.device):
     return None
 
 
+_RESOLVED = {}  # (op, backend, device) -> backend name: the choice is fixed per process and device
+
+
 def resolve(op: str, backend: str, device: torch.device) -> str:
     """The backend that will run `op`: `backend` itself if it can (else ValueError naming why), or for
-    "auto" CUDA, then Triton on a GPU, then the reference."""
+    "auto" CUDA, then Triton on a GPU, then the reference. Cached per (op, backend, device)."""
+    key = (op, backend, device)
+    try:
+        return _RESOLVED[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable backend, which the check below names
+        pass
     if backend == "auto":
-        if device.type != "cuda":
-            return "reference"  # never the interpreter
-        for name in ("cuda", "triton"):
-            if why_unavailable(op, name, device) is None:
-                return name
-        return "reference"
-    reason = why_unavailable(op, backend, device)
-    if reason:
-        raise (TypeError if not isinstance(backend, str) else ValueError)(
-            f"backend={backend!r} cannot run {op} here: {reason}")
-    return backend
+        name = "reference"  # never the interpreter for CPU tensors
+        if device.type == "cuda":
+            name = next((n for n in ("cuda", "triton") if why_unavailable(op, n, device) is None), "reference")
+    else:
+        reason = why_unavailable(op, backend, device)
+        if reason:
+            raise (TypeError if not isinstance(backend, str) else ValueError)(
+                f"backend={backend!r} cannot run {op} here: {reason}")
+        name = backend
+    _RESOLVED[key] = name
+    return name
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager(*tensors) -> bool:
+    """Whether an op may run its implementation directly rather than through its torch.library custom op:
+    plain tensors, and no torch.compile/export tracing, TorchDispatchMode (fake tensors, functionalization,
+    make_fx) or functorch transform active. The custom op is there for those; in plain eager mode the
+    dispatcher's round trip through Python would cost more host time than most kernels run."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
+            torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    for t in tensors:
+        if type(t) not in _PLAIN:
+            return False
+    return True
 
 
 def no_gpu_reason() -> str:
@@ -162,13 +188,20 @@ def as_tensor(name: str, x) -> torch.Tensor:
 
 
 def on_device(t: torch.Tensor):
-    """Make t's GPU current for a launch (the extension launches on the current device)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """Make t's GPU current for a launch (the extension launches on the current device); a no-op context
+    when it already is (the common case: no device switch, no host cost)."""
+    device = t.device
+    if device.type != "cuda" or device.index == torch._C._cuda_getDevice():  # (a CUDA tensor: CUDA is up)
+        return _SAME_DEVICE
+    return torch.cuda.device(device)
+
+
+_SAME_DEVICE = contextlib.nullcontext()  # reusable
 
 
 def stream(t: torch.Tensor) -> int:
     """The current CUDA stream of t's device, as the integer handle the extension takes."""
-    return torch.cuda.current_stream(t.device).cuda_stream
+    return torch._C._cuda_getCurrentRawStream(t.device.index)
 
 
 _POISON = None

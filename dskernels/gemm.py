@@ -62,13 +62,24 @@ def _reference(a, a_scale, b, b_scale, out, accumulate):
 _BACKENDS = {"reference": _reference, "triton": _triton, "cuda": _cuda}
 
 
-@torch.library.custom_op("dskernels::fp8_gemm", mutates_args=())
-def _fp8_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                 out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+def _gemm(a, a_scale, b, b_scale, out_dtype, backend):
     out = _backend.empty((a.shape[0], b.shape[0]), out_dtype, a.device)
     with _backend.on_device(a):
         _BACKENDS[backend](a, a_scale, b, b_scale, out, False)
     return out
+
+
+def _gemm_out(a, a_scale, b, b_scale, out, accumulate, backend):
+    with _backend.on_device(a):
+        _BACKENDS[backend](a, a_scale, b, b_scale, out, accumulate)
+
+
+# torch.library ops for torch.compile, export and fake tensors; plain eager calls skip the dispatcher
+# (backend.eager) and run the same implementations directly.
+@torch.library.custom_op("dskernels::fp8_gemm", mutates_args=())
+def _fp8_gemm_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                 out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    return _gemm(a, a_scale, b, b_scale, out_dtype, backend)
 
 
 @_fp8_gemm_op.register_fake
@@ -79,8 +90,7 @@ def _(a, a_scale, b, b_scale, out_dtype, backend):
 @torch.library.custom_op("dskernels::fp8_gemm_out", mutates_args=("out",))
 def _fp8_gemm_out_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                      out: torch.Tensor, accumulate: bool, backend: str) -> None:
-    with _backend.on_device(a):
-        _BACKENDS[backend](a, a_scale, b, b_scale, out, accumulate)
+    _gemm_out(a, a_scale, b, b_scale, out, accumulate, backend)
 
 
 @_fp8_gemm_out_op.register_fake
@@ -100,6 +110,41 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out=None, out_dtype=torch.bfloat16, accu
     backend: "auto", "cuda" (sm_90), "triton" (sm_89 and newer) or "reference". The CUDA kernel also
     needs a and b to start at 16-byte aligned addresses (checked when it runs).
     """
+    if _backend.eager(a, a_scale, b, b_scale) and (out is None or _backend.eager(out)):
+        # Plain eager call: the checks' verdict is cached per argument signature (shapes, strides, dtypes,
+        # devices, options), so a repeated call costs a dictionary lookup instead of the checks.
+        try:
+            key = (a.shape, a.stride(), a.dtype, a.device, a_scale.shape, a_scale.stride(), a_scale.dtype,
+                   a_scale.device, b.shape, b.stride(), b.dtype, b.device, b_scale.shape, b_scale.stride(),
+                   b_scale.dtype, b_scale.device, None if out is None else (out.shape, out.stride(), out.dtype,
+                                                                           out.device),
+                   out_dtype, type(accumulate), accumulate, backend)
+            name = _PLANS.get(key)
+        except TypeError:  # an unhashable option: the checks below name it
+            key = name = None
+        if name is None:
+            name = _checked(a, a_scale, b, b_scale, out, out_dtype, accumulate, backend)[-1]
+            if key is not None:
+                if len(_PLANS) > 4096:
+                    _PLANS.clear()
+                _PLANS[key] = name
+        if out is None:
+            return _gemm(a, a_scale, b, b_scale, out_dtype, name)
+        _gemm_out(a, a_scale, b, b_scale, out, accumulate, name)
+        return out
+    a, a_scale, b, b_scale, out, name = _checked(a, a_scale, b, b_scale, out, out_dtype, accumulate, backend)
+    direct = _backend.eager(a, a_scale, b, b_scale) and (out is None or _backend.eager(out))
+    if out is None:
+        return (_gemm if direct else _fp8_gemm_op)(a, a_scale, b, b_scale, out_dtype, name)
+    (_gemm_out if direct else _fp8_gemm_out_op)(a, a_scale, b, b_scale, out, accumulate, name)
+    return out
+
+
+_PLANS = {}  # argument signature -> backend name, for arguments that passed _checked
+
+
+def _checked(a, a_scale, b, b_scale, out, out_dtype, accumulate, backend):
+    """Every argument rule (raising naming the argument), foreign arrays as tensors, and the backend."""
     a, a_scale = _backend.as_tensor("a", a), _backend.as_tensor("a_scale", a_scale)
     b, b_scale = _backend.as_tensor("b", b), _backend.as_tensor("b_scale", b_scale)
     check_tensor("a", a, dtypes=(FP8,), ndim=2)
@@ -127,8 +172,17 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out=None, out_dtype=torch.bfloat16, accu
         check_tensor("out", out, dtypes=(torch.float32,) if accumulate else (torch.bfloat16, torch.float32),
                      ndim=2, device=a.device)
         check_shape("out", out, (M, N))
+    return a, a_scale, b, b_scale, out, _backend.resolve("fp8_gemm", backend, a.device)
+
+
+def gemm_unchecked(a, a_scale, b, b_scale, out_dtype, backend):
+    """fp8_gemm's work without its checks, for dskernels' own layers (dskernels.linear), whose operands
+    already satisfy every rule (a check costs host time on every call)."""
     name = _backend.resolve("fp8_gemm", backend, a.device)
-    if out is None:
-        return _fp8_gemm_op(a, a_scale, b, b_scale, out_dtype, name)
-    _fp8_gemm_out_op(a, a_scale, b, b_scale, out, accumulate, name)
-    return out
+    return (_gemm if _backend.eager(a, a_scale, b, b_scale) else _fp8_gemm_op)(a, a_scale, b, b_scale, out_dtype, name)
+
+
+def gemm_into_unchecked(a, a_scale, b, b_scale, out, accumulate, backend):
+    name = _backend.resolve("fp8_gemm", backend, a.device)
+    run = _gemm_out if _backend.eager(a, a_scale, b, b_scale, out) else _fp8_gemm_out_op
+    run(a, a_scale, b, b_scale, out, accumulate, name)

@@ -28,6 +28,7 @@ comes back NaN with the flag set. `md.check()` reads the flag (one sync) and rai
 says what went wrong; `get_mla_metadata(..., validate=True)` instead checks the values on the host
 first and raises naming the entry. Nothing else syncs.
 """
+import functools
 from typing import NamedTuple
 
 import torch
@@ -125,18 +126,29 @@ def num_parts(device: torch.device, rows: int) -> int:
     """Items to aim for: enough that items x 64-row head blocks fill the SMs about once."""
     if device.type != "cuda":
         return 4
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, sms // -(-rows // 64))
+    return max(1, _sm_count(device.index) // -(-rows // 64))
 
 
-def _metadata_tensors(B, parts, device):
-    new = lambda *shape: _backend.empty(shape, torch.int32, device)  # noqa: E731
-    return new(parts + B, 3), new(B + 1), new(B), new(B), new(B), new(2)
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _cuda_schedule(cache_seqlens, block_table, num_pages, s_q, parts):
+def _metadata_tensors(B, parts, device, shared=False):
+    """items [parts + B, 3], item_offsets [B + 1], bad, cache_seqlens, table_hash [B] and error [2], int32.
+    shared: views of one allocation (one allocator call and one split instead of six: host time), for
+    eager calls; a custom op's outputs may not alias each other."""
+    sizes = [3 * (parts + B), B + 1, B, B, B, 2]
+    if not shared:
+        return (_backend.empty((parts + B, 3), torch.int32, device),
+                *(_backend.empty((n,), torch.int32, device) for n in sizes[1:]))
+    items, *rest = _backend.empty((sum(sizes),), torch.int32, device).split(sizes)
+    return (items.view(parts + B, 3), *rest)
+
+
+def _cuda_schedule(cache_seqlens, block_table, num_pages, s_q, parts, shared):
     B, max_pages = block_table.shape
-    out = _metadata_tensors(B, parts, block_table.device)
+    out = _metadata_tensors(B, parts, block_table.device, shared)
     with _backend.on_device(block_table):
         _backend._C.mla_decode_schedule(cache_seqlens.data_ptr(), block_table.data_ptr(), block_table.stride(0), B,
                                         max_pages, num_pages, s_q, parts, *(t.data_ptr() for t in out),
@@ -144,8 +156,8 @@ def _cuda_schedule(cache_seqlens, block_table, num_pages, s_q, parts):
     return out
 
 
-def _reference_schedule(cache_seqlens, block_table, num_pages, s_q, parts):
-    out = _metadata_tensors(block_table.shape[0], parts, block_table.device)
+def _reference_schedule(cache_seqlens, block_table, num_pages, s_q, parts, shared):
+    out = _metadata_tensors(block_table.shape[0], parts, block_table.device, shared)
     for dst, src in zip(out, _ref.schedule(cache_seqlens, block_table, num_pages, s_q, parts)):
         dst.copy_(src)
     return out
@@ -154,11 +166,17 @@ def _reference_schedule(cache_seqlens, block_table, num_pages, s_q, parts):
 _SCHEDULE = {"reference": _reference_schedule, "cuda": _cuda_schedule}
 
 
+def _schedule(cache_seqlens, block_table, num_pages, s_q, parts, backend, shared=False):
+    return _SCHEDULE[backend](cache_seqlens, block_table, num_pages, s_q, parts, shared)
+
+
+# torch.library ops for torch.compile, export and fake tensors; plain eager calls skip the dispatcher
+# (backend.eager) and run the same implementations directly.
 @torch.library.custom_op("dskernels::get_mla_metadata", mutates_args=())
 def _metadata_op(cache_seqlens: torch.Tensor, block_table: torch.Tensor, num_pages: int, s_q: int, parts: int,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                         torch.Tensor]:
-    return _SCHEDULE[backend](cache_seqlens, block_table, num_pages, s_q, parts)
+    return _schedule(cache_seqlens, block_table, num_pages, s_q, parts, backend)
 
 
 @_metadata_op.register_fake
@@ -195,7 +213,11 @@ def get_mla_metadata(cache_seqlens, block_table, num_pages: int, s_q: int, num_h
     if validate:
         _validate_values(num_pages, block_table, cache_seqlens, s_q)
     parts = num_parts(block_table.device, s_q * num_heads)
-    return MlaMetadata(*_metadata_op(cache_seqlens, block_table, num_pages, s_q, parts, name),
+    if _backend.eager(cache_seqlens, block_table):
+        tensors = _schedule(cache_seqlens, block_table, num_pages, s_q, parts, name, shared=True)
+    else:
+        tensors = _metadata_op(cache_seqlens, block_table, num_pages, s_q, parts, name)
+    return MlaMetadata(*tensors,
                        num_pages=num_pages, max_pages=block_table.shape[1], s_q=s_q, num_heads=num_heads)
 
 
@@ -258,6 +280,7 @@ def _reference_decode(q, cache, block_table, cache_seqlens, scale, causal, md, o
     first = torch.where(mismatch, torch.arange(len(mismatch), device=mismatch.device), 2**31 - 1).min()
     error[0] |= mismatch.any().int() * ERROR_MISMATCH
     error[1] = torch.minimum(error[1], first.int())
+    cache = cache.view(cache.shape[0], PAGE_SIZE, cache.shape[-1])
     o, l = _ref.mla_decode(q, cache, block_table, cache_seqlens.cpu(), scale, causal,
                            skip=((bad != 0) | mismatch).cpu())
     out.copy_(o)
@@ -267,19 +290,24 @@ def _reference_decode(q, cache, block_table, cache_seqlens, scale, causal, md, o
 _DECODE = {"reference": _reference_decode, "triton": _triton_decode, "cuda": _cuda_decode}
 
 
-@torch.library.custom_op("dskernels::mla_decode", mutates_args=("error",))
-def _mla_decode_op(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-                   items: torch.Tensor, item_offsets: torch.Tensor, bad: torch.Tensor, made_seqlens: torch.Tensor,
-                   table_hash: torch.Tensor, error: torch.Tensor, softmax_scale: float, causal: bool,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode(q, cache, block_table, cache_seqlens, items, item_offsets, bad, made_seqlens, table_hash, error,
+            softmax_scale, causal, backend):
     B, s_q, H, _ = q.shape
     out = _backend.empty((B, s_q, H, KV_LORA_RANK), q.dtype, q.device)
     lse = _backend.empty((B, H, s_q), torch.float32, q.device)
     md = (items, item_offsets, bad, made_seqlens, table_hash, error)
     with _backend.on_device(q):
-        _DECODE[backend](q, cache.view(cache.shape[0], PAGE_SIZE, cache.shape[-1]), block_table, cache_seqlens,
-                         softmax_scale, causal, md, out, lse)
+        _DECODE[backend](q, cache, block_table, cache_seqlens, softmax_scale, causal, md, out, lse)
     return out, lse
+
+
+@torch.library.custom_op("dskernels::mla_decode", mutates_args=("error",))
+def _mla_decode_op(q: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                   items: torch.Tensor, item_offsets: torch.Tensor, bad: torch.Tensor, made_seqlens: torch.Tensor,
+                   table_hash: torch.Tensor, error: torch.Tensor, softmax_scale: float, causal: bool,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _decode(q, cache, block_table, cache_seqlens, items, item_offsets, bad, made_seqlens, table_hash, error,
+                   softmax_scale, causal, backend)
 
 
 @_mla_decode_op.register_fake
@@ -326,6 +354,45 @@ def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale: float, causa
     here when None). The module docstring has the checks (host and device) and what NaN rows mean.
     backend: "cuda" (sm_90, bf16 cache), "triton" (sm_80+, the FP8 cache from sm_89), "reference" or
     "auto" (CUDA where it runs, else Triton)."""
+    if _backend.eager(q, cache, block_table, cache_seqlens) and (
+            metadata is None or (isinstance(metadata, MlaMetadata) and _backend.eager(*metadata[:6]))):
+        # Plain eager call: the checks' verdict is cached per argument signature (see fp8_gemm).
+        md = metadata
+        try:
+            key = (q.shape, q.stride(), q.dtype, q.device, cache.shape, cache.stride(), cache.dtype, cache.device,
+                   block_table.shape, block_table.stride(), block_table.dtype, block_table.device,
+                   cache_seqlens.shape, cache_seqlens.stride(), cache_seqlens.dtype, cache_seqlens.device,
+                   type(softmax_scale), softmax_scale, type(causal), causal, backend, type(md),
+                   None if md is None else (md.items.shape, md.items.dtype, md.items.device, md.item_offsets.shape,
+                                            md.num_pages, md.max_pages, md.s_q, md.num_heads))
+            plan = _DECODE_PLANS.get(key)
+        except (TypeError, AttributeError):  # unhashable or malformed arguments: the checks below name them
+            key = plan = None
+        if plan is None:
+            plan = _checked_decode(q, cache, block_table, cache_seqlens, softmax_scale, causal, md, backend)[-2:]
+            if key is not None:
+                if len(_DECODE_PLANS) > 4096:
+                    _DECODE_PLANS.clear()
+                _DECODE_PLANS[key] = plan
+        scale, name = plan
+        if md is None:
+            md = _schedule(cache_seqlens, block_table, cache.shape[0], q.shape[1],  # checked with the decode's
+                           num_parts(q.device, q.shape[1] * q.shape[2]),
+                           _backend.resolve("get_mla_metadata", "auto", q.device), shared=True)
+        return _decode(q, cache, block_table, cache_seqlens, *md[:6], scale, causal, name)
+    q, cache, block_table, cache_seqlens, metadata, scale, name = _checked_decode(
+        q, cache, block_table, cache_seqlens, softmax_scale, causal, metadata, backend)
+    if metadata is None:
+        metadata = get_mla_metadata(cache_seqlens, block_table, cache.shape[0], q.shape[1], q.shape[2])
+    run = _decode if _backend.eager(q, cache, block_table, cache_seqlens, *metadata[:6]) else _mla_decode_op
+    return run(q, cache, block_table, cache_seqlens, *metadata[:6], scale, causal, name)
+
+
+_DECODE_PLANS = {}  # argument signature -> (softmax scale, backend name), for arguments _checked_decode passed
+
+
+def _checked_decode(q, cache, block_table, cache_seqlens, softmax_scale, causal, metadata, backend):
+    """Every argument rule of mla_decode (raising naming the argument), foreign arrays as tensors."""
     q = _backend.as_tensor("q", q)
     cache, block_table = _backend.as_tensor("cache", cache), _backend.as_tensor("block_table", block_table)
     cache_seqlens = _backend.as_tensor("cache_seqlens", cache_seqlens)
@@ -341,10 +408,9 @@ def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale: float, causa
     check_bool("causal", causal)
     op = "mla_decode_fp8_cache" if cache.dtype == torch.uint8 else "mla_decode"
     name = _backend.resolve(op, backend, q.device)
-    if metadata is None:
-        metadata = get_mla_metadata(cache_seqlens, block_table, cache.shape[0], s_q, H)
-    _check_metadata(metadata, B, block_table.shape[1], cache.shape[0], s_q, H, q.device)
-    return _mla_decode_op(q, cache, block_table, cache_seqlens, *metadata[:6], scale, causal, name)
+    if metadata is not None:
+        _check_metadata(metadata, B, block_table.shape[1], cache.shape[0], s_q, H, q.device)
+    return q, cache, block_table, cache_seqlens, metadata, scale, name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,12 +428,16 @@ def _triton_append(cache, block_table, cache_seqlens, kv_latent, k_rope):
 _APPEND = {"reference": _reference_append, "triton": _triton_append}
 
 
-@torch.library.custom_op("dskernels::mla_append_to_cache", mutates_args=("cache",))
-def _append_op(cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
-               kv_latent: torch.Tensor, k_rope: torch.Tensor, backend: str) -> torch.Tensor:
+def _append(cache, block_table, cache_seqlens, kv_latent, k_rope, backend):
     with _backend.on_device(cache):
         _APPEND[backend](cache, block_table, cache_seqlens, kv_latent, k_rope)
     return cache_seqlens + kv_latent.shape[1]
+
+
+@torch.library.custom_op("dskernels::mla_append_to_cache", mutates_args=("cache",))
+def _append_op(cache: torch.Tensor, block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+               kv_latent: torch.Tensor, k_rope: torch.Tensor, backend: str) -> torch.Tensor:
+    return _append(cache, block_table, cache_seqlens, kv_latent, k_rope, backend)
 
 
 @_append_op.register_fake
@@ -401,4 +471,5 @@ def append_to_cache(cache, block_table, cache_seqlens, kv_latent, k_rope, *, val
     name = _backend.resolve(op, backend, cache.device)
     if validate:
         _validate_values(cache.shape[0], block_table, cache_seqlens + s, s)
-    return _append_op(cache, block_table, cache_seqlens, kv_latent, k_rope, name)
+    run = _append if _backend.eager(cache, block_table, cache_seqlens, kv_latent, k_rope) else _append_op
+    return run(cache, block_table, cache_seqlens, kv_latent, k_rope, name)

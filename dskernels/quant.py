@@ -2,6 +2,7 @@
 
     q, scale = per_token_group_quant(x)              x [M, K] -> [M, K] e4m3, [M, ceil(K/128)] fp32
     q_t, scale = per_token_group_quant_transposed(x) x [M, K] -> [K, M] e4m3, [K, ceil(M/128)] fp32
+    q, scale, q_t, scale_t = per_token_group_quant_both(x)   both of the above from one read of x
     q, scale = per_block_quant(w)                    w [N, K] -> [N, K] e4m3, [ceil(N/128), ceil(K/128)]
     y = dequant(q, scale, block_shape=(1, 128))      back to bf16 or fp32
 
@@ -81,23 +82,85 @@ _GROUPS = {"reference": _reference_into(_ref.per_token_group_quant),
            "triton": _triton("per_token_group_quant"), "cuda": _cuda_groups}
 _GROUPS_T = {"reference": _reference_into(_ref.per_token_group_quant_transposed),
              "triton": _triton("per_token_group_quant_transposed"), "cuda": _cuda_groups_transposed}
+def _reference_both(x, q, scale, q_t, scale_t, pow2_scale):
+    M, K = x.shape
+    q_ref, s_ref = _ref.per_token_group_quant(x, pow2_scale)
+    qt_ref, st_ref = _ref.per_token_group_quant_transposed(x, pow2_scale)
+    for dst, src, n in ((q, q_ref, K), (q_t, qt_ref, M)):  # then the zero padding columns, if any
+        dst[:, :n].copy_(src)
+        dst[:, n:].view(torch.uint8).zero_()
+    scale.copy_(s_ref)
+    scale_t.copy_(st_ref)
+
+
+def _cuda_both(x, q, scale, q_t, scale_t, pow2_scale):
+    M, K = x.shape
+    _backend._C.quant_groups_both(x.data_ptr(), _DTYPE_CODE[x.dtype], M, K, x.stride(0), q.data_ptr(), q.stride(0),
+                                  q.shape[1], scale.data_ptr(), scale.stride(0), scale.stride(1), q_t.data_ptr(),
+                                  q_t.stride(0), q_t.shape[1], scale_t.data_ptr(), scale_t.stride(0),
+                                  scale_t.stride(1), pow2_scale, _backend.stream(x))
+
+
+_BOTH = {"reference": _reference_both, "triton": _triton("per_token_group_quant_both"), "cuda": _cuda_both}
 _BLOCKS = {"reference": _reference_into(_ref.per_block_quant),
            "triton": _triton("per_block_quant"), "cuda": _cuda_blocks}
 _DEQUANT = {"reference": _reference_dequant, "triton": _triton("dequant"), "cuda": _cuda_dequant}
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library ops: checked arguments in, fresh outputs out.
+# The implementations: checked arguments in, fresh outputs out.
+
+def _groups(x, pow2_scale, scale_layout, backend, transposed=False):
+    """q [R, C] and its scales for x [M, K] (R, C = M, K) or x.T (R, C = K, M)."""
+    R, C = x.shape[::-1] if transposed else x.shape
+    q = _backend.empty((R, C), FP8, x.device)
+    scale = _scale_tensor(R, cdiv(C, BLOCK), scale_layout, x.device)
+    with _backend.on_device(x):
+        (_GROUPS_T if transposed else _GROUPS)[backend](x, q, scale, pow2_scale)
+    return q, scale
+
+
+def _groups_transposed(x, pow2_scale, scale_layout, backend):
+    return _groups(x, pow2_scale, scale_layout, backend, transposed=True)
+
+
+def _both(x, pow2_scale, scale_layout, pad, backend):
+    M, K = x.shape
+    K_out, M_out = (cdiv(K, BLOCK) * BLOCK, cdiv(M, BLOCK) * BLOCK) if pad else (K, M)
+    q = _backend.empty((M, K_out), FP8, x.device)
+    scale = _scale_tensor(M, cdiv(K, BLOCK), scale_layout, x.device)
+    q_t = _backend.empty((K, M_out), FP8, x.device)
+    scale_t = _scale_tensor(K, cdiv(M, BLOCK), scale_layout, x.device)
+    with _backend.on_device(x):
+        _BOTH[backend](x, q, scale, q_t, scale_t, pow2_scale)
+    return q, scale, q_t, scale_t
+
+
+def _blocks(w, pow2_scale, backend):
+    N, K = w.shape
+    q = _backend.empty((N, K), FP8, w.device)
+    scale = _backend.empty((cdiv(N, BLOCK), cdiv(K, BLOCK)), torch.float32, w.device)
+    with _backend.on_device(w):
+        _BLOCKS[backend](w, q, scale, pow2_scale)
+    return q, scale
+
+
+def _dequant(q, scale, block_rows, out_dtype, backend):
+    out = _backend.empty(q.shape, out_dtype, q.device)
+    with _backend.on_device(q):
+        _DEQUANT[backend](q, scale, block_rows, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops (for torch.compile, export and fake tensors): the implementations above, with fake
+# implementations. In plain eager mode the public functions call the implementations directly
+# (backend.eager): same work, without the dispatcher's host cost.
 
 @torch.library.custom_op("dskernels::per_token_group_quant", mutates_args=())
 def _per_token_group_quant_op(x: torch.Tensor, pow2_scale: bool, scale_layout: str,
                               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    M, K = x.shape
-    q = _backend.empty((M, K), FP8, x.device)
-    scale = _scale_tensor(M, cdiv(K, BLOCK), scale_layout, x.device)
-    with _backend.on_device(x):
-        _GROUPS[backend](x, q, scale, pow2_scale)
-    return q, scale
+    return _groups(x, pow2_scale, scale_layout, backend)
 
 
 @_per_token_group_quant_op.register_fake
@@ -110,12 +173,7 @@ def _(x, pow2_scale, scale_layout, backend):
 @torch.library.custom_op("dskernels::per_token_group_quant_transposed", mutates_args=())
 def _per_token_group_quant_transposed_op(x: torch.Tensor, pow2_scale: bool, scale_layout: str,
                                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    M, K = x.shape
-    q_t = _backend.empty((K, M), FP8, x.device)
-    scale = _scale_tensor(K, cdiv(M, BLOCK), scale_layout, x.device)
-    with _backend.on_device(x):
-        _GROUPS_T[backend](x, q_t, scale, pow2_scale)
-    return q_t, scale
+    return _groups_transposed(x, pow2_scale, scale_layout, backend)
 
 
 @_per_token_group_quant_transposed_op.register_fake
@@ -125,15 +183,25 @@ def _(x, pow2_scale, scale_layout, backend):
         _scale_tensor(K, cdiv(M, BLOCK), scale_layout, x.device)
 
 
+@torch.library.custom_op("dskernels::per_token_group_quant_both", mutates_args=())
+def _per_token_group_quant_both_op(x: torch.Tensor, pow2_scale: bool, scale_layout: str, pad: bool,
+                                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _both(x, pow2_scale, scale_layout, pad, backend)
+
+
+@_per_token_group_quant_both_op.register_fake
+def _(x, pow2_scale, scale_layout, pad, backend):
+    M, K = x.shape
+    K_out, M_out = (cdiv(K, BLOCK) * BLOCK, cdiv(M, BLOCK) * BLOCK) if pad else (K, M)
+    return torch.empty((M, K_out), dtype=FP8, device=x.device), \
+        _scale_tensor(M, cdiv(K, BLOCK), scale_layout, x.device), \
+        torch.empty((K, M_out), dtype=FP8, device=x.device), _scale_tensor(K, cdiv(M, BLOCK), scale_layout, x.device)
+
+
 @torch.library.custom_op("dskernels::per_block_quant", mutates_args=())
 def _per_block_quant_op(w: torch.Tensor, pow2_scale: bool,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    N, K = w.shape
-    q = _backend.empty((N, K), FP8, w.device)
-    scale = _backend.empty((cdiv(N, BLOCK), cdiv(K, BLOCK)), torch.float32, w.device)
-    with _backend.on_device(w):
-        _BLOCKS[backend](w, q, scale, pow2_scale)
-    return q, scale
+    return _blocks(w, pow2_scale, backend)
 
 
 @_per_block_quant_op.register_fake
@@ -146,10 +214,7 @@ def _(w, pow2_scale, backend):
 @torch.library.custom_op("dskernels::dequant", mutates_args=())
 def _dequant_op(q: torch.Tensor, scale: torch.Tensor, block_rows: int, out_dtype: torch.dtype,
                 backend: str) -> torch.Tensor:
-    out = _backend.empty(q.shape, out_dtype, q.device)
-    with _backend.on_device(q):
-        _DEQUANT[backend](q, scale, block_rows, out)
-    return out
+    return _dequant(q, scale, block_rows, out_dtype, backend)
 
 
 @_dequant_op.register_fake
@@ -180,7 +245,8 @@ def per_token_group_quant(x, *, pow2_scale: bool = False, scale_layout: str = "r
     """
     x = _check_input("x", x, pow2_scale, scale_layout)
     name = _backend.resolve("per_token_group_quant", backend, x.device)
-    return _per_token_group_quant_op(x, pow2_scale, scale_layout, name)
+    run = _groups if _backend.eager(x) else _per_token_group_quant_op
+    return run(x, pow2_scale, scale_layout, name)
 
 
 def per_token_group_quant_transposed(x, *, pow2_scale: bool = False, scale_layout: str = "row",
@@ -194,7 +260,25 @@ def per_token_group_quant_transposed(x, *, pow2_scale: bool = False, scale_layou
     """
     x = _check_input("x", x, pow2_scale, scale_layout)
     name = _backend.resolve("per_token_group_quant_transposed", backend, x.device)
-    return _per_token_group_quant_transposed_op(x, pow2_scale, scale_layout, name)
+    run = _groups_transposed if _backend.eager(x) else _per_token_group_quant_transposed_op
+    return run(x, pow2_scale, scale_layout, name)
+
+
+def per_token_group_quant_both(x, *, pow2_scale: bool = False, scale_layout: str = "row", pad: bool = False,
+                               backend: str = "auto"):
+    """per_token_group_quant(x) and per_token_group_quant_transposed(x) from one read of x: what a
+    Linear layer's forward and weight gradient need of its input (and its backward of the output gradient).
+
+    Returns q [M, K], scale [M, ceil(K/128)], q_t [K, M], scale_t [K, ceil(M/128)], each byte for byte as
+    the two ops return them. pad=True appends zero columns up to a multiple of 128: q [M, K rounded up]
+    and q_t [K, M rounded up], ready for fp8_gemm, which reduces over those dims (zeros add nothing and no
+    scale changes). scale_layout applies to both scales.
+    """
+    x = _check_input("x", x, pow2_scale, scale_layout)
+    check_bool("pad", pad)
+    name = _backend.resolve("per_token_group_quant_both", backend, x.device)
+    run = _both if _backend.eager(x) else _per_token_group_quant_both_op
+    return run(x, pow2_scale, scale_layout, pad, name)
 
 
 def per_block_quant(w, *, pow2_scale: bool = False, backend: str = "auto"):
@@ -205,7 +289,7 @@ def per_block_quant(w, *, pow2_scale: bool = False, backend: str = "auto"):
     """
     w = _check_input("w", w, pow2_scale)
     name = _backend.resolve("per_block_quant", backend, w.device)
-    return _per_block_quant_op(w, pow2_scale, name)
+    return (_blocks if _backend.eager(w) else _per_block_quant_op)(w, pow2_scale, name)
 
 
 def dequant(q, scale, *, block_shape=(1, 128), out_dtype=torch.bfloat16, backend: str = "auto"):
@@ -226,4 +310,30 @@ def dequant(q, scale, *, block_shape=(1, 128), out_dtype=torch.bfloat16, backend
     R, C = q.shape
     check_shape("scale", scale, (cdiv(R, block_shape[0]), cdiv(C, BLOCK)))
     name = _backend.resolve("dequant", backend, q.device)
-    return _dequant_op(q, scale, block_shape[0], out_dtype, name)
+    run = _dequant if _backend.eager(q, scale) else _dequant_op
+    return run(q, scale, block_shape[0], out_dtype, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points for dskernels' own layers (dskernels.linear), whose arguments already satisfy every rule
+# above: the public functions' work without their checks (a check costs host time on every call).
+
+def groups_unchecked(x, scale_layout, backend):
+    name = _backend.resolve("per_token_group_quant", backend, x.device)
+    return (_groups if _backend.eager(x) else _per_token_group_quant_op)(x, False, scale_layout, name)
+
+
+def groups_transposed_unchecked(x, scale_layout, backend):
+    name = _backend.resolve("per_token_group_quant_transposed", backend, x.device)
+    run = _groups_transposed if _backend.eager(x) else _per_token_group_quant_transposed_op
+    return run(x, False, scale_layout, name)
+
+
+def both_unchecked(x, scale_layout, pad, backend):
+    name = _backend.resolve("per_token_group_quant_both", backend, x.device)
+    return (_both if _backend.eager(x) else _per_token_group_quant_both_op)(x, False, scale_layout, pad, name)
+
+
+def blocks_unchecked(w, backend):
+    name = _backend.resolve("per_block_quant", backend, w.device)
+    return (_blocks if _backend.eager(w) else _per_block_quant_op)(w, False, name)

@@ -329,8 +329,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int h = 0; h < 2; ++h) {
         row_max[h] = m_new[h];
         if (lane % 4 == 0) {
-          s_max[r_lo + 8 * h] = m_new[h];
-          s_scale[r_lo + 8 * h] = alpha[h];
+          s_max[r_lo + 8 * h] = m_new[h];  // racecheck FP (NOTES.md)
+          s_scale[r_lo + 8 * h] = alpha[h];  // racecheck FP (NOTES.md)
         }
       }
       named_barrier_arrive(bar, kMathThreads);
@@ -455,8 +455,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             named_barrier_sync(kBarMaxB, kMathThreads);
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-              alpha_b[h] = s_scale_b[r_lo + 8 * h];
-              row_max[h] = s_max_b[r_lo + 8 * h];
+              alpha_b[h] = s_scale_b[r_lo + 8 * h];  // racecheck FP (NOTES.md)
+              row_max[h] = s_max_b[r_lo + 8 * h];  // racecheck FP (NOTES.md)
             }
           }
           // The P slot's previous reader (WG 1's P V of block a - 2) completed before buffer 0 was
@@ -557,7 +557,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int h = 0; h < 2; ++h) {
       row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
       row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
-      if (lane % 4 == 0) s_sum[wg * 64 + r_lo + 8 * h] = row_sum[h];
+      if (lane % 4 == 0) s_sum[wg * 64 + r_lo + 8 * h] = row_sum[h];  // racecheck FP (NOTES.md)
     }
     named_barrier_sync(kBarSum, kMathThreads);
     // Inputs other than those the work list was made from: the batch's rows become NaN and the error is
@@ -582,7 +582,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = r_lo + 8 * h;
-      const float total = s_sum[r] + s_sum[64 + r];
+      const float total = s_sum[r] + s_sum[64 + r];  // racecheck FP (NOTES.md)
       inv[h] = total > 0.0f ? 1.0f / total : 0.0f;
       row_lse[h] = total > 0.0f ? (row_max[h] + log2f(total)) * 0.69314718055994531f : -INFINITY;
     }

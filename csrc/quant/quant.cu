@@ -3,6 +3,8 @@
 // the same fp32 operations as the reference (scale_from_amax, to_e4m3x2), so the bytes match it.
 #include "quant.h"
 
+#include <atomic>
+
 namespace dskernels {
 namespace {
 
@@ -62,6 +64,31 @@ __global__ void __launch_bounds__(kThreads) quant_groups_kernel(
   if (valid && lane == 0) s[r * s_r + g * s_g] = scale;
 }
 
+// One column of a staged fp32 tile (row stride kStride, column pointer `col`) quantized as a 128 x 1
+// group: lane l holds rows 4l .. 4l + 3 and stores them as one 4-byte word at dst + 4l (byte by byte where
+// fewer than 4 of the n columns left remain, or without `vec` alignment); lane 0 stores the scale.
+template <int kStride>
+__device__ __forceinline__ void quant_column(const float* col, int lane, uint8_t* dst, int n, bool vec,
+                                             float* scale_dst, bool pow2) {
+  float v[4], amax = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[i] = col[(lane * 4 + i) * kStride];
+    amax = fmaxf(amax, fabsf(v[i]));
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  const float scale = scale_from_amax(amax, pow2), inv = 1.0f / scale;
+  const uint32_t packed = to_e4m3x2(v[0] * inv, v[1] * inv) | (uint32_t(to_e4m3x2(v[2] * inv, v[3] * inv)) << 16);
+  const int m = lane * 4;
+  if (vec && m + 4 <= n) {
+    *reinterpret_cast<uint32_t*>(dst + m) = packed;
+  } else {
+    for (int i = 0; i < 4 && m + i < n; ++i) dst[m + i] = uint8_t(packed >> (8 * i));
+  }
+  if (lane == 0) *scale_dst = scale;
+}
+
 // x [M, K] -> q_t [K, M]. A CTA stages a 128 (M) x 64 (K) tile in shared memory (loads coalesced
 // along K), then each warp quantizes whole columns: 128 M-values per column, 4 per lane, stored as
 // one 4-byte word per lane (coalesced along M).
@@ -88,25 +115,57 @@ __global__ void __launch_bounds__(kThreads) quant_groups_transposed_kernel(
   for (int kk = warp; kk < kTileK; kk += kThreads / 32) {
     const int k = k0 + kk;
     if (k >= K) break;
-    float v[4], amax = 0.0f;
+    quant_column<kTileK + 1>(&tile[0][0] + kk, lane, q_t + int64_t(k) * ld_q + m0, M - m0, vec_out,
+                             s + int64_t(k) * s_r + blockIdx.y * s_g, pow2);
+  }
+}
+
+// Both quantizations of an activation from one read of x [M, K], for a layer's forward and its weight
+// gradient: q [M, K_out] as quant_groups_kernel writes it and q_t [K, M_out] as
+// quant_groups_transposed_kernel does, byte for byte, each optionally zero-padded along its contiguous
+// dim (columns K .. K_out - 1 of q and M .. M_out - 1 of q_t are zero; each pad is below 128, so no
+// group's amax changes). A CTA owns a 128 (M) x 128 (K) tile: 16 lanes quantize a row's group from
+// registers (16 rows a pass, 8 passes) and stage the values in shared memory; then each warp
+// quantizes whole columns from there, as the transposed kernel does.
+constexpr int kTileStride = kBlock + 1;  // +1: the column pass's reads spread over the banks
+constexpr int kBothSmem = kBlock * kTileStride * int(sizeof(float));
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) quant_groups_both_kernel(
+    const T* __restrict__ x, int M, int K, int64_t ld_x, uint8_t* __restrict__ q, int64_t ld_q, int K_out,
+    float* __restrict__ s, int64_t s_r, int64_t s_g, uint8_t* __restrict__ q_t, int64_t ld_qt, int M_out,
+    float* __restrict__ st, int64_t st_r, int64_t st_g, bool pow2, bool vec_in, bool vec_q, bool vec_qt) {
+  extern __shared__ float tile[];  // [kBlock][kTileStride]
+  const int m0 = blockIdx.y * kBlock, k0 = blockIdx.x * kBlock;
+  const int lane16 = threadIdx.x % kLanesPerGroup, row0 = threadIdx.x / kLanesPerGroup;
+  const int cl = lane16 * 8, c = k0 + cl;
+  const int n_in = K - c, n_out = K_out - c;  // elements of x / of q's row from c on (may be <= 0)
+#pragma unroll 4
+  for (int p = 0; p < kBlock / kGroupsPerCta; ++p) {
+    const int rr = row0 + p * kGroupsPerCta, m = m0 + rr;
+    const bool row = m < M;
+    float v[8];
+    load8(x + int64_t(row ? m : 0) * ld_x + c, row ? n_in : 0, vec_in && row && n_in >= 8, v);
+    float amax = 0.0f;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[i] = tile[lane * 4 + i][kk];
-      amax = fmaxf(amax, fabsf(v[i]));
-    }
+    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    const float scale = scale_from_amax(amax, pow2), inv = 1.0f / scale;
-    const uint32_t packed = to_e4m3x2(v[0] * inv, v[1] * inv) |
-                            (uint32_t(to_e4m3x2(v[2] * inv, v[3] * inv)) << 16);
-    const int m = m0 + lane * 4;
-    uint8_t* dst = q_t + int64_t(k) * ld_q + m;
-    if (vec_out && m + 4 <= M) {
-      *reinterpret_cast<uint32_t*>(dst) = packed;
-    } else {
-      for (int i = 0; i < 4 && m + i < M; ++i) dst[i] = uint8_t(packed >> (8 * i));
-    }
-    if (lane == 0) s[int64_t(k) * s_r + blockIdx.y * s_g] = scale;
+    for (int off = kLanesPerGroup / 2; off > 0; off /= 2)
+      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    const float scale = scale_from_amax(amax, pow2);
+    if (row && n_out > 0) store8_e4m3(q + int64_t(m) * ld_q + c, v, 1.0f / scale, n_out, vec_q && n_out >= 8);
+    if (row && lane16 == 0) s[int64_t(m) * s_r + blockIdx.x * s_g] = scale;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) tile[rr * kTileStride + cl + i] = v[i];  // zeros past M and K
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int kk = warp; kk < kBlock; kk += kThreads / 32) {
+    const int k = k0 + kk;
+    if (k >= K) break;
+    quant_column<kTileStride>(tile + kk, lane, q_t + int64_t(k) * ld_qt + m0, M_out - m0, vec_qt,
+                              st + int64_t(k) * st_r + blockIdx.y * st_g, pow2);
   }
 }
 
@@ -225,6 +284,37 @@ void quant_groups_transposed(const void* x, DType x_dtype, int M, int K, int64_t
         aligned16<T>(x, ld_x), vec_out);
   });
   check_launch("quant_groups_transposed_kernel");
+}
+
+void quant_groups_both(const void* x, DType x_dtype, int M, int K, int64_t ld_x, void* q, int64_t ld_q,
+                       int K_out, float* s, int64_t s_r, int64_t s_g, void* q_t, int64_t ld_qt, int M_out,
+                       float* st, int64_t st_r, int64_t st_g, bool pow2, cudaStream_t stream) {
+  require_sm90("quant_groups_both");
+  if (M < 1 || K < 1 || K_out < K || K_out > cdiv(K, kBlock) * kBlock || M_out < M ||
+      M_out > cdiv(M, kBlock) * kBlock || ld_q < K_out || ld_qt < M_out)
+    throw std::invalid_argument("quant_groups_both: K <= K_out <= K rounded up to 128, M <= M_out <= M rounded "
+                                "up to 128, ld_q >= K_out and ld_qt >= M_out");
+  if (cdiv(M, kBlock) > 65535) throw std::invalid_argument("quant_groups_both: more than 65535 * 128 rows");
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "quant_groups_both");
+  const dim3 grid(cdiv(K, kBlock), cdiv(M, kBlock));
+  const bool vec_q = reinterpret_cast<uintptr_t>(q) % 8 == 0 && ld_q % 8 == 0;
+  const bool vec_qt = reinterpret_cast<uintptr_t>(q_t) % 4 == 0 && ld_qt % 4 == 0;
+  dispatch_input(x_dtype, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    // 66 KB of shared memory: above the default 48 KB, so opted into once per device and element type.
+    static std::atomic<uint64_t> opted{0};
+    const uint64_t bit = uint64_t(1) << (device % 64);
+    if (!(opted.load() & bit)) {
+      check_cuda(cudaFuncSetAttribute(quant_groups_both_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      kBothSmem), "quant_groups_both");
+      opted |= bit;
+    }
+    quant_groups_both_kernel<T><<<grid, kThreads, kBothSmem, stream>>>(
+        static_cast<const T*>(x), M, K, ld_x, static_cast<uint8_t*>(q), ld_q, K_out, s, s_r, s_g,
+        static_cast<uint8_t*>(q_t), ld_qt, M_out, st, st_r, st_g, pow2, aligned16<T>(x, ld_x), vec_q, vec_qt);
+  });
+  check_launch("quant_groups_both_kernel");
 }
 
 void quant_blocks(const void* w, DType w_dtype, int N, int K, int64_t ld_w, void* q, int64_t ld_q,

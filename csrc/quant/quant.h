@@ -15,6 +15,13 @@ void quant_groups_transposed(const void* x, DType x_dtype, int M, int K, int64_t
                              int64_t ld_q, float* s, int64_t s_r, int64_t s_g, bool pow2,
                              cudaStream_t stream);
 
+// Both of the above from one read of x [M, K]: q [M, K_out] and q_t [K, M_out], byte for byte as
+// quant_groups and quant_groups_transposed write them, with zero columns K .. K_out - 1 of q and
+// M .. M_out - 1 of q_t (K_out, M_out: up to K, M rounded up to 128; for GEMMs that reduce over them).
+void quant_groups_both(const void* x, DType x_dtype, int M, int K, int64_t ld_x, void* q, int64_t ld_q,
+                       int K_out, float* s, int64_t s_r, int64_t s_g, void* q_t, int64_t ld_qt, int M_out,
+                       float* st, int64_t st_r, int64_t st_g, bool pow2, cudaStream_t stream);
+
 // w [N, K] -> q [N, K] e4m3, scale(nb, kb) at s[nb*s_r + kb*s_g] for 128x128 blocks.
 void quant_blocks(const void* w, DType w_dtype, int N, int K, int64_t ld_w, void* q, int64_t ld_q,
                   float* s, int64_t s_r, int64_t s_g, bool pow2, cudaStream_t stream);

@@ -181,6 +181,40 @@ void check_quant(const char* what, int M, int K, DType dtype, bool pow2, bool mn
   report(why == nullptr, what, M, K, dtype, pow2, mn_major, why);
 }
 
+// quant_groups_both: both layouts from one read, MN-major scales, zero-padded to multiples of 128 when
+// `pad`: q [M, K_out] must hold the groups' bytes then zeros, q_t [K, M_out] the transposed ones then zeros.
+void check_both(int M, int K, DType dtype, bool pow2, bool pad, std::mt19937& rng) {
+  const Input in = make_input(M, K, dtype, rng);
+  const int K_out = pad ? (K + 127) / 128 * 128 : K, M_out = pad ? (M + 127) / 128 * 128 : M;
+  const int kb = (K + 127) / 128, mb = (M + 127) / 128;
+  const int64_t ld_s = (M + 3) / 4 * 4, ld_st = (K + 3) / 4 * 4;  // MN-major: scale(i, j) at j * ld + i
+  Buf x(in.raw.size()), q(size_t(M) * K_out), sc(size_t(ld_s) * kb * 4), qt(size_t(K) * M_out),
+      st(size_t(ld_st) * mb * 4);
+  CHECK_CUDA(cudaMemcpy(x.p, in.raw.data(), in.raw.size(), cudaMemcpyHostToDevice));
+  dskernels::quant_groups_both(x.p, dtype, M, K, K, q.p, K_out, K_out, reinterpret_cast<float*>(sc.p), 1, ld_s, qt.p,
+                               M_out, M_out, reinterpret_cast<float*>(st.p), 1, ld_st, pow2, nullptr);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<uint8_t> want_q, want_qt;
+  std::vector<float> want_s, want_st;
+  host_quant(M, K, 1, pow2, [&](int r, int c) { return in.values[size_t(r) * K + c]; }, want_q, want_s);
+  host_quant(K, M, 1, pow2, [&](int r, int c) { return in.values[size_t(c) * K + r]; }, want_qt, want_st);
+  auto widen = [](const std::vector<uint8_t>& v, int rows, int cols, int cols_out) {
+    std::vector<uint8_t> w(size_t(rows) * cols_out, 0);
+    for (int r = 0; r < rows; ++r) std::copy_n(&v[size_t(r) * cols], cols, &w[size_t(r) * cols_out]);
+    return w;
+  };
+  bool guards[4];
+  const std::vector<uint8_t> got_q = q.host(&guards[0]), got_s = sc.host(&guards[1]), got_qt = qt.host(&guards[2]),
+                             got_st = st.host(&guards[3]);
+  const char* why = !(guards[0] && guards[1] && guards[2] && guards[3]) ? "wrote past the end"
+                    : got_q != widen(want_q, M, K, K_out)               ? "row-wise bytes differ"
+                    : got_qt != widen(want_qt, K, M, M_out)             ? "transposed bytes differ"
+                    : !same_scales(got_s, want_s, M, kb, 1, ld_s)       ? "row-wise scales differ"
+                    : !same_scales(got_st, want_st, K, mb, 1, ld_st)    ? "transposed scales differ"
+                                                                        : nullptr;
+  report(why == nullptr, pad ? "both (padded)" : "both", M, K, dtype, pow2, true, why);
+}
+
 // dequant of the host's quantization, to fp32 and bf16, for 1 x 128 and 128 x 128 tiles.
 void check_dequant(int R, int C, int block_rows, DType out_dtype, std::mt19937& rng) {
   const Input in = make_input(R, C, DType::kFloat32, rng);
@@ -223,6 +257,10 @@ int main() {  // `quant_selftest sanitize` (ci/gpu.sh) runs these same cases: th
         for (bool mn_major : {false, true})
           for (const char* what : {"groups", "transposed", "blocks"})
             check_quant(what, sh[0], sh[1], dtype, pow2, mn_major, rng);
+  for (const auto& sh : shapes)
+    for (DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16})
+      for (bool pow2 : {false, true})
+        for (bool pad : {false, true}) check_both(sh[0], sh[1], dtype, pow2, pad, rng);
   for (const auto& sh : shapes)
     for (int block_rows : {1, 128})
       for (DType out_dtype : {DType::kFloat32, DType::kBFloat16}) check_dequant(sh[0], sh[1], block_rows, out_dtype, rng);

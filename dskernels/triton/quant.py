@@ -38,6 +38,30 @@ def _quant_kernel(x_ptr, q_ptr, s_ptr, R, C, stride_xr, stride_xc, stride_qr, st
 
 
 @triton.jit
+def _quant_both_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, K_out, M_out, stride_xm, stride_qm, stride_sm,
+                       stride_sg, stride_qtk, stride_stk, stride_stg, POW2: tl.constexpr, EMULATE: tl.constexpr):
+    """One 128 x 128 tile of x, quantized both ways: per row (groups along K, into q [M, K_out]) and per
+    column (groups along M, into q_t [K, M_out]); the padding columns (K .. K_out - 1, M .. M_out - 1)
+    get the zeros the masked load supplies."""
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    m = pid_m * 128 + tl.arange(0, 128)
+    k = pid_k * 128 + tl.arange(0, 128)
+    x = tl.load(x_ptr + m[:, None].to(tl.int64) * stride_xm + k[None, :], mask=(m < M)[:, None] & (k < K)[None, :],
+                other=0.0).to(tl.float32)
+    a = tl.abs(x)
+    a = tl.where(a != a, 0.0, a)  # NaN is left out of the amax (it quantizes to NaN on its own)
+    row_scale = scale_from_amax(tl.max(a, axis=1), POW2)
+    q = to_e4m3(x * tl.math.div_rn(1.0, row_scale)[:, None], EMULATE)
+    tl.store(q_ptr + m[:, None].to(tl.int64) * stride_qm + k[None, :], q, mask=(m < M)[:, None] & (k < K_out)[None, :])
+    tl.store(s_ptr + m * stride_sm + pid_k * stride_sg, row_scale, mask=m < M)
+    col_scale = scale_from_amax(tl.max(a, axis=0), POW2)
+    q_t = to_e4m3(x * tl.math.div_rn(1.0, col_scale)[None, :], EMULATE)
+    tl.store(qt_ptr + k[None, :].to(tl.int64) * stride_qtk + m[:, None], q_t,
+             mask=(m < M_out)[:, None] & (k < K)[None, :])
+    tl.store(st_ptr + k * stride_stk + pid_m * stride_stg, col_scale, mask=k < K)
+
+
+@triton.jit
 def _dequant_kernel(q_ptr, s_ptr, out_ptr, R, C, stride_qr, stride_sr, stride_sc, stride_or,
                     SCALE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, EMULATE: tl.constexpr):
     pid_r, pid_c = tl.program_id(0), tl.program_id(1)
@@ -67,6 +91,14 @@ def per_token_group_quant(x, q, scale, pow2_scale):
 def per_token_group_quant_transposed(x, q_t, scale, pow2_scale):
     # x.T read in place: 64 rows of x.T are 64 consecutive elements of a row of x (coalesced)
     _quant(x.t(), q_t, scale, pow2_scale, whole_tile=False, block_r=64)
+
+
+def per_token_group_quant_both(x, q, scale, q_t, scale_t, pow2_scale):
+    M, K = x.shape
+    grid = (triton.cdiv(M, BLOCK), triton.cdiv(K, BLOCK))
+    _quant_both_kernel[grid](x, q, scale, q_t, scale_t, M, K, q.shape[1], q_t.shape[1], x.stride(0), q.stride(0),
+                             scale.stride(0), scale.stride(1), q_t.stride(0), scale_t.stride(0), scale_t.stride(1),
+                             POW2=pow2_scale, EMULATE=EMULATE_CASTS, num_warps=8)
 
 
 def per_block_quant(w, q, scale, pow2_scale):
