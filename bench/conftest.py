@@ -1,5 +1,5 @@
 """Benchmark session: skips without a GPU; measures the ceilings once; collects every record and
-writes bench/results/<gpu-slug>.json (and a copy into $DSKERNELS_BENCH_OUT when set) at the end.
+writes bench/results/<gpu-slug>.json (and a copy into $DSKERNELS_BENCH_OUT when set) after each one.
 
 Run: pytest bench/ --benchmark-json=out.json   (records also land in each benchmark's extra_info)
 """

@@ -36,6 +36,9 @@ def main(log: str) -> int:
         ok = marked(*a) and marked(*b)
         bad += not ok
         print(f"{'triaged' if ok else 'UNTRIAGED'}: {a[0]}:{a[1]} vs {b[0]}:{b[1]} ({n} hazards)")
+    if not sites:  # a report whose hazards name no source lines (no -lineinfo, another format): not triaged
+        print("racecheck triage: no hazard sites with file:line found in the log; nothing can be triaged")
+        return 1
     print(f"racecheck triage: {len(sites)} site pairs, {bad} untriaged")
     return 1 if bad else 0
 

@@ -171,6 +171,52 @@ def test_weight_updated_in_place_is_quantized_again(backend, monkeypatch):
     assert len(calls) == 4
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_made_per_call_are_never_served_from_the_cache(backend):
+    """torch.func.functional_call with a new weight each call, and a parametrized weight (weight_norm)
+    updated by SGD: every forward uses the weight of that call (a cache keyed on address and version
+    alone hands out a stale one: a freed tensor's address is reused and a new tensor's version is 0)."""
+    layer, x, _ = layer_and_data(384, False, 41, backend=backend)
+    x = x.detach()
+    for i in range(4):
+        w = layer.weight.detach() * (i + 1)
+        got = torch.func.functional_call(layer, {"weight": w}, (x,))
+        want = fp8_linear(x, w, backend=backend)
+        assert torch.equal(got, want), f"call {i}: a stale weight"
+    norm = torch.nn.utils.parametrizations.weight_norm(FP8Linear(K, 384, bias=False, device=DEVICE,
+                                                                 backend=backend))
+    opt = torch.optim.SGD(norm.parameters(), lr=0.5)
+    for step in range(3):
+        y = norm(x)
+        assert torch.equal(y, fp8_linear(x, norm.weight.detach(), backend=backend)), f"step {step}: a stale weight"
+        y.square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_mode_then_training(backend):
+    """A forward under torch.inference_mode (a validation pass) does not leave inference tensors in the
+    cache for the next training step, which would refuse to save them for backward."""
+    layer, x, dy = layer_and_data(200, True, 43, backend=backend)
+    with torch.inference_mode():
+        y0 = layer(x.detach())
+    y = layer(x)
+    y.backward(dy)
+    assert torch.equal(y.detach(), y0) and x.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens(backend):
+    """An empty batch (an MoE expert that received no tokens) gives an empty output and zero gradients."""
+    layer, _, _ = layer_and_data(200, True, 47, backend=backend)
+    x = torch.zeros(0, K, device=DEVICE, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 200)
+    y.sum().backward()
+    assert (layer.weight.grad == 0).all() and (layer.bias.grad == 0).all() and x.grad.shape == (0, K)
+
+
 # --- gradient accumulation, the no-grad forward ----------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -193,9 +239,13 @@ def test_micro_batches_accumulate_to_the_large_batch(backend, fused):
             return layer.weight.main_grad
         return layer.weight.grad
     split = grad_of(slice(0, 128), slice(128, 256)).clone()
-    whole = grad_of(slice(0, 256))
+    whole = grad_of(slice(0, 256)).clone()
     assert split.dtype == torch.float32
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6 * whole.abs().max().item())
+    layer.fuse_wgrad_accumulation, layer.weight.main_grad = False, None
+    layer.weight.grad = None
+    layer(x).backward(dy)  # the same gradient through autograd: the fused path wrote the real one
+    torch.testing.assert_close(whole, layer.weight.grad, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -214,9 +264,11 @@ def test_no_grad_forward_does_the_forward_only(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference", *(["auto"] if ON_GPU else [])])
 def test_training_step_compiles_fullgraph(backend):
-    """torch.compile(fullgraph=True) of an FP8Linear forward and loss; its backward (AOTAutograd's) gives
-    the gradients of the eager step bit for bit. The loss (y * c).sum() has the gradient c exactly in
-    both modes, so the quantized operands, and hence the GEMMs, are the same."""
+    """torch.compile(fullgraph=True) of an FP8Linear forward and loss (from torch 2.12 on; on older torch
+    the layer's autograd function runs eagerly inside the compiled program, so there this checks the
+    graph break, not the traced function); its backward (AOTAutograd's) gives the gradients of the eager
+    step bit for bit. The loss (y * c).sum() has the gradient c exactly in both modes, so the quantized
+    operands, and hence the GEMMs, are the same."""
     layer, x, _ = layer_and_data(200, True, 19, backend=backend)
     c = random_input((M, 200), torch.float32, seed=20, outliers=False)
 

@@ -117,6 +117,21 @@ def test_both_ways_at_once_match_the_two_references(backend, shape, pad, dtype):
     assert s.stride() == (1, ref.cdiv(M, 4) * 4) and s_t.stride() == (1, ref.cdiv(K, 4) * 4), "MN-major scales"
 
 
+@pytest.mark.parametrize("backend", backends_for("per_token_group_quant_both"))
+@pytest.mark.parametrize("scale_layout", ["row", "col"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_both_ways_at_once_options(backend, scale_layout, dtype):
+    x = random_input((300, 130), dtype, seed=seed_of("both options", scale_layout, str(dtype)))
+    q, s, q_t, s_t = twice_poisoned(lambda: dskernels.per_token_group_quant_both(
+        x, pow2_scale=True, scale_layout=scale_layout, backend=backend))
+    for name, got, want in [("q", (q, s), ref.per_token_group_quant(x.cpu(), pow2_scale=True)),
+                            ("q_t", (q_t, s_t), ref.per_token_group_quant_transposed(x.cpu(), pow2_scale=True))]:
+        assert_same_fp8(name, got[0], want[0])
+        assert_same_float(f"{name} scale", got[1], want[1])
+        if scale_layout == "row":
+            assert got[1].is_contiguous()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", WEIGHT_SHAPES, ids=str)
 @pytest.mark.parametrize("pow2_scale", [False, True], ids=["amax_scale", "pow2_scale"])
@@ -305,6 +320,15 @@ def test_ops_pass_torch_library_opcheck():
                      (ops.per_block_quant, (x, False, "reference")),
                      (ops.dequant, (*ref.per_block_quant(x), 128, torch.float32, "reference"))]:
         torch.library.opcheck(op, args, test_utils=OPCHECK_TESTS)
+
+
+def test_jit_trace_records_the_op():
+    """torch.jit.trace records only dispatcher calls: under it the op must go through its custom op, or
+    the trace would replay a stale output."""
+    traced = torch.jit.trace(lambda t: dskernels.per_token_group_quant(t, backend="reference")[0],
+                             random_input((4, 256), torch.bfloat16, seed=1, device="cpu"), check_trace=False)
+    x = random_input((4, 256), torch.bfloat16, seed=2, device="cpu")
+    assert_same_fp8("traced q", traced(x), ref.per_token_group_quant(x)[0])
 
 
 @pytest.mark.parametrize("backend", ["reference", *(["auto"] if ON_GPU else [])])

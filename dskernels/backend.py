@@ -153,11 +153,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def eager(*tensors) -> bool:
     """Whether an op may run its implementation directly rather than through its torch.library custom op:
     plain tensors, and no torch.compile/export tracing, TorchDispatchMode (fake tensors, functionalization,
-    make_fx) or functorch transform active. The custom op is there for those; in plain eager mode the
+    make_fx), functorch transform or torch.jit.trace active. The custom op is there for those; in plain eager mode the
     dispatcher's round trip through Python would cost more host time than most kernels run."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
-            torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
+            torch._C._functorch.peek_interpreter_stack() is not None or torch._C._get_tracing_state() is not None:
+        return False  # (the last: torch.jit.trace, which records only dispatcher calls)
     for t in tensors:
         if type(t) not in _PLAIN:
             return False

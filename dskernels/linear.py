@@ -22,7 +22,10 @@ Built for training speed:
   every tile's amax, so its scale, as it was): N in the input gradient (N = 2112 or 576 work), the token
   count in the weight gradient. K (in_features) must be a multiple of 128.
 """
+import weakref
+
 import torch
+import torch.nn.functional as F
 
 from dskernels import backend as _backend
 from dskernels.checks import check_bool, check_choice, check_tensor
@@ -50,11 +53,17 @@ def _gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float32) else torch.float32
 
 
-def quantize_weight(weight: torch.Tensor, *, backend: str = "auto"):
-    """(wq, ws, wq_t, ws_t): weight [N, K] per 128x128 block for the forward, and its transpose
-    [K, N rounded up to 128] (zero columns) with the transposed scales for the input gradient."""
+def quantize_weight(weight: torch.Tensor, *, transposed: bool = True, backend: str = "auto"):
+    """[wq, ws, wq_t, ws_t]: weight [N, K] per 128x128 block for the forward, and (transposed=True) its
+    transpose [K, N rounded up to 128] (zero columns) with the transposed scales for the input gradient;
+    without, wq_t and ws_t are None."""
     wq, ws = blocks_unchecked(weight.detach().contiguous(), backend)
-    return wq, ws, _pad_dim(wq.t().contiguous(), 1), ws.t().contiguous()
+    return [wq, ws, *(_transpose(wq, ws) if transposed else (None, None))]
+
+
+def _transpose(wq, ws):
+    """W^T's quantization from W's: the same 128x128 blocks and scales, transposed (and N padded)."""
+    return _pad_dim(wq.t().contiguous(), 1), ws.t().contiguous()
 
 
 class _FP8LinearFunction(torch.autograd.Function):
@@ -122,14 +131,16 @@ def _main_grad(weight: torch.Tensor) -> torch.Tensor:
     grad = getattr(weight, "main_grad", None)
     if grad is None:
         grad = weight.main_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    if grad.dtype != torch.float32 or grad.shape != weight.shape or not grad.is_contiguous():
+    if (grad.dtype != torch.float32 or grad.shape != weight.shape or not grad.is_contiguous()
+            or grad.device != weight.device):
         raise ValueError(f"weight.main_grad must be a contiguous float32 tensor of the weight's shape "
-                         f"{tuple(weight.shape)}, got {grad.dtype} {tuple(grad.shape)}")
+                         f"{tuple(weight.shape)} on {weight.device}, got {grad.dtype} {tuple(grad.shape)} on "
+                         f"{grad.device}")
     return grad
 
 
 def _check(x, weight, bias, backend):
-    check_tensor("x", x, dtypes=FLOATS, contiguous=False)
+    check_tensor("x", x, dtypes=FLOATS, contiguous=False, nonempty=False)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (in_features)")
     check_tensor("weight", weight, dtypes=FLOATS, ndim=2, device=x.device)
@@ -148,14 +159,15 @@ def _check(x, weight, bias, backend):
 
 
 def _linear(x, weight, bias, quantized, backend, fuse_wgrad):
-    """x [..., K] -> [..., N] (x, weight and bias checked)."""
+    """x [..., K] -> [..., N] (x, weight and bias checked); quantized(transposed) gives the weight's FP8
+    copies (quantize_weight's list)."""
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.shape[0] == 0:  # no tokens: nothing to quantize (the kernels take at least one row)
-        return (x2 @ weight.to(x.dtype).T).reshape(*lead, weight.shape[0])
-    wq, ws, wq_t, ws_t = quantized
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
                                          (bias is not None and bias.requires_grad))
+    wq, ws, wq_t, ws_t = quantized(grads and x.requires_grad)
     if not grads:  # the forward's work alone
         xq, xs = groups_unchecked(x2.contiguous(), "col", backend)
         y = gemm_unchecked(xq, xs, wq, ws, _gemm_dtype(x.dtype), backend)
@@ -175,7 +187,8 @@ def fp8_linear(x, weight, bias=None, *, backend: str = "auto") -> torch.Tensor:
     bias gradients in fp32 or the weight's dtype (the weight gradient is accumulated in fp32). The weight
     is quantized in every call: FP8Linear keeps it quantized between optimizer steps."""
     _check(x, weight, bias, backend)
-    return _linear(x, weight, bias, quantize_weight(weight, backend=backend), backend, False)
+    return _linear(x, weight, bias, lambda transposed: quantize_weight(weight, transposed=transposed, backend=backend),
+                   backend, False)
 
 
 class FP8Linear(torch.nn.Module):
@@ -223,27 +236,42 @@ class FP8Linear(torch.nn.Module):
         layer._setup(backend, fuse_wgrad_accumulation)
         return layer
 
-    def quantized_weight(self):
-        """quantize_weight(self.weight), cached. In eager mode the cache is made again whenever the weight
-        has changed since: a new tensor, or a new value of its version counter, which every in-place update
-        advances (optimizer.step(), copy_(), add_() under no_grad). Writes through `weight.data` bypass the
-        counter: call invalidate_weight_cache() after them. Under CUDA-graph capture and torch.compile the
-        weight is quantized in every call, inside the graph, so each replay reads the current weight."""
+    def quantized_weight(self, transposed: bool = True):
+        """quantize_weight(self.weight), cached (W^T's copy made only once a backward needs it). In eager
+        mode the cache is used only while the weight is the same tensor object with the same storage, dtype,
+        shape and device, the same value of its version counter (which every in-place update advances:
+        optimizer.step(), copy_(), add_() under no_grad) and the same inference mode. Updates that leave the
+        counter alone are not seen: writes through `weight.data` and in-place updates replayed from a CUDA
+        graph (a captured optimizer step); call invalidate_weight_cache() after them. A weight computed per
+        call (a parametrization, torch.func.functional_call) is never cached. Under CUDA-graph capture and
+        torch.compile the weight is quantized in every call, inside the graph, so each replay reads the
+        current weight."""
         w = self.weight
-        if torch.compiler.is_compiling() or (w.is_cuda and torch.cuda.is_current_stream_capturing()):
-            return quantize_weight(w, backend=self.backend)
-        key = (w.data_ptr(), w._version, w.dtype, w.shape, w.device)
-        if self._cached is None or self._cached[0] != key:
-            self._cached = (key, quantize_weight(w, backend=self.backend))
-        return self._cached[1]
+        if (torch.compiler.is_compiling() or (w.is_cuda and torch.cuda.is_current_stream_capturing())
+                or w.grad_fn is not None or torch.nn.utils.parametrize.is_parametrized(self, "weight")):
+            return quantize_weight(w, transposed=transposed, backend=self.backend)
+        key = (w.data_ptr(), w._version, w.dtype, w.shape, w.device, torch.is_inference_mode_enabled())
+        cached = self._cached
+        if cached is None or cached[0]() is not w or cached[1] != key:
+            cached = self._cached = (weakref.ref(w), key, quantize_weight(w, transposed=False, backend=self.backend))
+        quantized = cached[2]
+        if transposed and quantized[2] is None:
+            quantized[2:] = _transpose(quantized[0], quantized[1])
+        return quantized
 
     def invalidate_weight_cache(self):
         self._cached = None
 
     def forward(self, x):
-        _check(x, self.weight, self.bias, self.backend)
-        return _linear(x, self.weight, self.bias, self.quantized_weight(), self.backend,
+        weight, bias = self.weight, self.bias  # (once: a parametrized weight is computed on each access)
+        _check(x, weight, bias, self.backend)
+        return _linear(x, weight, bias, lambda transposed: self._quantized(weight, transposed), self.backend,
                        self.fuse_wgrad_accumulation)
+
+    def _quantized(self, weight, transposed):
+        if torch.nn.utils.parametrize.is_parametrized(self, "weight"):  # the weight this forward computed
+            return quantize_weight(weight, transposed=transposed, backend=self.backend)
+        return self.quantized_weight(transposed)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
