@@ -255,7 +255,9 @@ def test_no_grad_forward_does_the_forward_only(backend, monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("a no-grad forward quantized for a backward")
+    layer.invalidate_weight_cache()
     monkeypatch.setattr(lin, "both_unchecked", refuse)
+    monkeypatch.setattr(lin, "_transpose", refuse)  # W^T's copy serves only the input gradient
     with torch.no_grad():
         assert torch.equal(layer(x), y)
 
@@ -373,4 +375,8 @@ def test_refuses_what_cannot_work():
         FP8Linear.from_linear(torch.nn.Conv1d(128, 128, 1))
     with pytest.raises(TypeError, match="fuse_wgrad_accumulation must be a bool"):
         FP8Linear(128, 64, fuse_wgrad_accumulation="yes")
+    fused = FP8Linear(128, 64, device=DEVICE, fuse_wgrad_accumulation=True)
+    fused.weight.main_grad = torch.zeros(64, 128, device="meta")
+    with pytest.raises(ValueError, match="weight.main_grad must be a contiguous float32 tensor"):
+        fused(random_input((8, 128), torch.float32)).sum().backward()
     assert dskernels.FP8Linear is FP8Linear
