@@ -1,6 +1,6 @@
 """The launches ci/profile.sh profiles with Nsight Compute: one of each kernel on the shapes whose
 benchmark gaps need explaining (large-M FP8 GEMM with small K, a memory-bound small-M GEMM, MLA
-decode in both regimes, the quantization target shape)."""
+decode in both regimes, the quantization target shape, two FP8Linear training steps)."""
 import torch
 
 import dskernels
@@ -27,6 +27,13 @@ def launches():
                 q, c, t, n, ref.softmax_scale(), backend=be)
     x = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16)
     yield lambda: dskernels.per_token_group_quant(x)
+    # FP8Linear training steps where the speedup over bf16 falls short (bench/test_linear.py): the
+    # quantizations and the three GEMMs (forward, input gradient, weight gradient) of one step each.
+    for T, D, N in [(16384, 7168, 2048), (4096, 7168, 7168)]:
+        layer = dskernels.FP8Linear(D, N, bias=False, device="cuda", dtype=torch.bfloat16)
+        xt = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(T, N, device="cuda", dtype=torch.bfloat16)
+        yield lambda layer=layer, xt=xt, dy=dy: layer(xt).backward(dy)
 
 
 def main():
