@@ -22,6 +22,9 @@ OPS = {
                                          QUANT_ACTIVATIONS, lambda M, K: cdiv(M, 128) * K),
     "per_block_quant": (dskernels.per_block_quant, QUANT_WEIGHTS,
                         lambda M, K: cdiv(M, 128) * cdiv(K, 128)),
+    # both layouts: one read, two e4m3 writes (bytes_moved counts one; the second is added below)
+    "per_token_group_quant_both": (dskernels.per_token_group_quant_both, QUANT_ACTIVATIONS,
+                                   lambda M, K: cdiv(K, 128) * M + cdiv(M, 128) * K),
 }
 CASES = [(op, shape) for op, (_, shapes, _) in OPS.items() for shape in shapes]
 
@@ -32,8 +35,9 @@ def test_quant(report, op, shape, backend):
     fn, _, n_scales = OPS[op]
     M, K = shape
     x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+    second_write = M * K if op == "per_token_group_quant_both" else 0
     report(op=op, backend=backend, shape={"M": M, "K": K, "dtype": "bf16"},
-           fn=lambda: fn(x, backend=backend), bytes_moved=bytes_moved(M, K, n_scales(M, K)),
+           fn=lambda: fn(x, backend=backend), bytes_moved=bytes_moved(M, K, n_scales(M, K)) + second_write,
            bound="copy_GBps", peer="reference (eager PyTorch)",
            peer_fn=lambda: fn(x, backend="reference"))
 

@@ -164,6 +164,11 @@ def eager(*tensors) -> bool:
     return True
 
 
+def pick(impl, custom_op, *tensors):
+    """impl in plain eager mode (eager(*tensors)), else the custom op that wraps it."""
+    return impl if eager(*tensors) else custom_op
+
+
 def no_gpu_reason() -> str:
     """Why torch sees no usable GPU, in words a user can act on."""
     try:

@@ -110,9 +110,11 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out=None, out_dtype=torch.bfloat16, accu
     backend: "auto", "cuda" (sm_90), "triton" (sm_89 and newer) or "reference". The CUDA kernel also
     needs a and b to start at 16-byte aligned addresses (checked when it runs).
     """
-    if _backend.eager(a, a_scale, b, b_scale) and (out is None or _backend.eager(out)):
-        # Plain eager call: the checks' verdict is cached per argument signature (shapes, strides, dtypes,
-        # devices, options), so a repeated call costs a dictionary lookup instead of the checks.
+    # In plain eager mode the checks' verdict is cached per argument signature (shapes, strides, dtypes,
+    # devices, options and their types), so a repeated call costs a dictionary lookup instead of the checks.
+    direct = _backend.eager(a, a_scale, b, b_scale) and (out is None or _backend.eager(out))
+    key = name = None
+    if direct:
         try:
             key = (a.shape, a.stride(), a.dtype, a.device, a_scale.shape, a_scale.stride(), a_scale.dtype,
                    a_scale.device, b.shape, b.stride(), b.dtype, b.device, b_scale.shape, b_scale.stride(),
@@ -121,19 +123,14 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out=None, out_dtype=torch.bfloat16, accu
                    out_dtype, type(accumulate), accumulate, backend)
             name = _PLANS.get(key)
         except TypeError:  # an unhashable option: the checks below name it
-            key = name = None
-        if name is None:
-            name = _checked(a, a_scale, b, b_scale, out, out_dtype, accumulate, backend)[-1]
-            if key is not None:
-                if len(_PLANS) > 4096:
-                    _PLANS.clear()
-                _PLANS[key] = name
-        if out is None:
-            return _gemm(a, a_scale, b, b_scale, out_dtype, name)
-        _gemm_out(a, a_scale, b, b_scale, out, accumulate, name)
-        return out
-    a, a_scale, b, b_scale, out, name = _checked(a, a_scale, b, b_scale, out, out_dtype, accumulate, backend)
-    direct = _backend.eager(a, a_scale, b, b_scale) and (out is None or _backend.eager(out))
+            key = None
+    if name is None:
+        a, a_scale, b, b_scale, out, name = _checked(a, a_scale, b, b_scale, out, out_dtype, accumulate, backend)
+        if key is not None:
+            if len(_PLANS) > 4096:
+                _PLANS.clear()
+            _PLANS[key] = name
+        direct = _backend.eager(a, a_scale, b, b_scale) and (out is None or _backend.eager(out))  # foreign arrays
     if out is None:
         return (_gemm if direct else _fp8_gemm_op)(a, a_scale, b, b_scale, out_dtype, name)
     (_gemm_out if direct else _fp8_gemm_out_op)(a, a_scale, b, b_scale, out, accumulate, name)
@@ -179,10 +176,10 @@ def gemm_unchecked(a, a_scale, b, b_scale, out_dtype, backend):
     """fp8_gemm's work without its checks, for dskernels' own layers (dskernels.linear), whose operands
     already satisfy every rule (a check costs host time on every call)."""
     name = _backend.resolve("fp8_gemm", backend, a.device)
-    return (_gemm if _backend.eager(a, a_scale, b, b_scale) else _fp8_gemm_op)(a, a_scale, b, b_scale, out_dtype, name)
+    return _backend.pick(_gemm, _fp8_gemm_op, a, a_scale, b, b_scale)(a, a_scale, b, b_scale, out_dtype, name)
 
 
 def gemm_into_unchecked(a, a_scale, b, b_scale, out, accumulate, backend):
     name = _backend.resolve("fp8_gemm", backend, a.device)
-    run = _gemm_out if _backend.eager(a, a_scale, b, b_scale, out) else _fp8_gemm_out_op
-    run(a, a_scale, b, b_scale, out, accumulate, name)
+    _backend.pick(_gemm_out, _fp8_gemm_out_op, a, a_scale, b, b_scale, out)(a, a_scale, b, b_scale, out,
+                                                                           accumulate, name)

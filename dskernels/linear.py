@@ -44,7 +44,7 @@ def _pad_dim(t: torch.Tensor, dim: int, multiple: int = 128) -> torch.Tensor:
     if not pad:
         return t
     raw = t.view(torch.uint8) if t.dtype == FP8 else t  # e4m3 zero is the zero byte
-    padded = torch.nn.functional.pad(raw, (0, pad) if dim == 1 else (0, 0, 0, pad))
+    padded = F.pad(raw, (0, pad) if dim == 1 else (0, 0, 0, pad))
     return padded.view(FP8) if t.dtype == FP8 else padded
 
 
@@ -57,7 +57,7 @@ def quantize_weight(weight: torch.Tensor, *, transposed: bool = True, backend: s
     """[wq, ws, wq_t, ws_t]: weight [N, K] per 128x128 block for the forward, and (transposed=True) its
     transpose [K, N rounded up to 128] (zero columns) with the transposed scales for the input gradient;
     without, wq_t and ws_t are None."""
-    wq, ws = blocks_unchecked(weight.detach().contiguous(), backend)
+    wq, ws = blocks_unchecked(weight.detach().contiguous(), False, backend)
     return [wq, ws, *(_transpose(wq, ws) if transposed else (None, None))]
 
 
@@ -72,17 +72,15 @@ class _FP8LinearFunction(torch.autograd.Function):
         # needs: which of x, weight, bias want a gradient, read by the caller off the tensors themselves
         need_dx, need_dw, _ = ctx.needs = needs
         if need_dw:
-            xq, xs, xq_t, xs_t = both_unchecked(x, "col", True, backend)
+            xq, xs, xq_t, xs_t = both_unchecked(x, False, "col", True, backend)
         else:
-            (xq, xs), xq_t, xs_t = groups_unchecked(x, "col", backend), None, None
-        y = gemm_unchecked(xq, xs, wq, ws, _gemm_dtype(x.dtype), backend)
-        if bias is not None:
-            y = y + bias if torch.compiler.is_compiling() else y.add_(bias)
+            (xq, xs), xq_t, xs_t = groups_unchecked(x, False, "col", backend), None, None
+        y = _forward_gemm(xq, xs, wq, ws, bias, x.dtype, backend)
         ctx.save_for_backward(xq_t, xs_t, wq_t if need_dx else None, ws_t if need_dx else None,
                               weight if fuse_wgrad and need_dw else None)
         ctx.x_dtype, ctx.w_dtype, ctx.backend, ctx.fuse_wgrad = x.dtype, weight.dtype, backend, fuse_wgrad
         ctx.b_dtype = bias.dtype if bias is not None else None
-        return y if y.dtype == x.dtype else y.to(x.dtype)  # never an alias of an intermediate (see _apply)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -92,11 +90,11 @@ class _FP8LinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = dw = db = None
         if need_dx and need_dw:
-            dyq, dys, dyq_t, dys_t = both_unchecked(dy, "col", True, backend)
+            dyq, dys, dyq_t, dys_t = both_unchecked(dy, False, "col", True, backend)
         elif need_dx:
-            dyq, dys = groups_unchecked(_pad_dim(dy, 1), "col", backend)
+            dyq, dys = groups_unchecked(_pad_dim(dy, 1), False, "col", backend)
         elif need_dw:
-            dyq_t, dys_t = groups_transposed_unchecked(_pad_dim(dy, 0), "col", backend)
+            dyq_t, dys_t = groups_transposed_unchecked(_pad_dim(dy, 0), False, "col", backend)
         if need_dx:
             dx = _cast(gemm_unchecked(dyq, dys, wq_t, ws_t, _gemm_dtype(ctx.x_dtype), backend), ctx.x_dtype)
         if need_dw:
@@ -111,6 +109,15 @@ class _FP8LinearFunction(torch.autograd.Function):
 
 def _cast(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
+
+
+def _forward_gemm(xq, xs, wq, ws, bias, dtype, backend):
+    """y = x W^T (+ bias) in `dtype`. Under torch.compile no in-place op and no alias of an intermediate
+    is returned (see _apply)."""
+    y = gemm_unchecked(xq, xs, wq, ws, _gemm_dtype(dtype), backend)
+    if bias is not None:
+        y = y + bias if torch.compiler.is_compiling() else y.add_(bias)
+    return _cast(y, dtype)
 
 
 def _apply(*args):
@@ -169,11 +176,8 @@ def _linear(x, weight, bias, quantized, backend, fuse_wgrad):
                                          (bias is not None and bias.requires_grad))
     wq, ws, wq_t, ws_t = quantized(grads and x.requires_grad)
     if not grads:  # the forward's work alone
-        xq, xs = groups_unchecked(x2.contiguous(), "col", backend)
-        y = gemm_unchecked(xq, xs, wq, ws, _gemm_dtype(x.dtype), backend)
-        if bias is not None:
-            y += bias
-        return y.to(x.dtype).reshape(*lead, weight.shape[0])
+        xq, xs = groups_unchecked(x2.contiguous(), False, "col", backend)
+        return _forward_gemm(xq, xs, wq, ws, bias, x.dtype, backend).reshape(*lead, weight.shape[0])
     needs = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     y = _apply(x2.contiguous(), weight, bias, wq, ws, wq_t, ws_t, backend, fuse_wgrad, needs)
     return y.reshape(*lead, weight.shape[0])
@@ -246,7 +250,11 @@ class FP8Linear(torch.nn.Module):
         call (a parametrization, torch.func.functional_call) is never cached. Under CUDA-graph capture and
         torch.compile the weight is quantized in every call, inside the graph, so each replay reads the
         current weight."""
-        w = self.weight
+        return self._quantized(self.weight, transposed)
+
+    def _quantized(self, w, transposed):
+        """quantized_weight for the weight `w` that a forward read (a parametrized weight is computed on
+        every access of self.weight)."""
         if (torch.compiler.is_compiling() or (w.is_cuda and torch.cuda.is_current_stream_capturing())
                 or w.grad_fn is not None or torch.nn.utils.parametrize.is_parametrized(self, "weight")):
             return quantize_weight(w, transposed=transposed, backend=self.backend)
@@ -267,11 +275,6 @@ class FP8Linear(torch.nn.Module):
         _check(x, weight, bias, self.backend)
         return _linear(x, weight, bias, lambda transposed: self._quantized(weight, transposed), self.backend,
                        self.fuse_wgrad_accumulation)
-
-    def _quantized(self, weight, transposed):
-        if torch.nn.utils.parametrize.is_parametrized(self, "weight"):  # the weight this forward computed
-            return quantize_weight(weight, transposed=transposed, backend=self.backend)
-        return self.quantized_weight(transposed)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

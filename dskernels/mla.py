@@ -212,13 +212,17 @@ def get_mla_metadata(cache_seqlens, block_table, num_pages: int, s_q: int, num_h
     name = _backend.resolve("get_mla_metadata", backend, block_table.device)
     if validate:
         _validate_values(num_pages, block_table, cache_seqlens, s_q)
+    return _metadata(cache_seqlens, block_table, num_pages, s_q, num_heads, name)
+
+
+def _metadata(cache_seqlens, block_table, num_pages, s_q, num_heads, backend):
+    """get_mla_metadata's work once its arguments are checked (the backend resolved)."""
     parts = num_parts(block_table.device, s_q * num_heads)
     if _backend.eager(cache_seqlens, block_table):
-        tensors = _schedule(cache_seqlens, block_table, num_pages, s_q, parts, name, shared=True)
+        tensors = _schedule(cache_seqlens, block_table, num_pages, s_q, parts, backend, shared=True)
     else:
-        tensors = _metadata_op(cache_seqlens, block_table, num_pages, s_q, parts, name)
-    return MlaMetadata(*tensors,
-                       num_pages=num_pages, max_pages=block_table.shape[1], s_q=s_q, num_heads=num_heads)
+        tensors = _metadata_op(cache_seqlens, block_table, num_pages, s_q, parts, backend)
+    return MlaMetadata(*tensors, num_pages=num_pages, max_pages=block_table.shape[1], s_q=s_q, num_heads=num_heads)
 
 
 def _validate_values(num_pages, block_table, cache_seqlens, s_q):
@@ -354,10 +358,12 @@ def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale: float, causa
     here when None). The module docstring has the checks (host and device) and what NaN rows mean.
     backend: "cuda" (sm_90, bf16 cache), "triton" (sm_80+, the FP8 cache from sm_89), "reference" or
     "auto" (CUDA where it runs, else Triton)."""
-    if _backend.eager(q, cache, block_table, cache_seqlens) and (
-            metadata is None or (isinstance(metadata, MlaMetadata) and _backend.eager(*metadata[:6]))):
-        # Plain eager call: the checks' verdict is cached per argument signature (see fp8_gemm).
-        md = metadata
+    # In plain eager mode the checks' verdict is cached per argument signature (as fp8_gemm does).
+    md = metadata
+    direct = _backend.eager(q, cache, block_table, cache_seqlens) and (
+        md is None or (isinstance(md, MlaMetadata) and _backend.eager(*md[:6])))
+    key = plan = None
+    if direct:
         try:
             key = (q.shape, q.stride(), q.dtype, q.device, cache.shape, cache.stride(), cache.dtype, cache.device,
                    block_table.shape, block_table.stride(), block_table.dtype, block_table.device,
@@ -367,25 +373,21 @@ def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale: float, causa
                                             md.num_pages, md.max_pages, md.s_q, md.num_heads))
             plan = _DECODE_PLANS.get(key)
         except (TypeError, AttributeError):  # unhashable or malformed arguments: the checks below name them
-            key = plan = None
-        if plan is None:
-            plan = _checked_decode(q, cache, block_table, cache_seqlens, softmax_scale, causal, md, backend)[-2:]
-            if key is not None:
-                if len(_DECODE_PLANS) > 4096:
-                    _DECODE_PLANS.clear()
-                _DECODE_PLANS[key] = plan
-        scale, name = plan
-        if md is None:
-            md = _schedule(cache_seqlens, block_table, cache.shape[0], q.shape[1],  # checked with the decode's
-                           num_parts(q.device, q.shape[1] * q.shape[2]),
-                           _backend.resolve("get_mla_metadata", "auto", q.device), shared=True)
-        return _decode(q, cache, block_table, cache_seqlens, *md[:6], scale, causal, name)
-    q, cache, block_table, cache_seqlens, metadata, scale, name = _checked_decode(
-        q, cache, block_table, cache_seqlens, softmax_scale, causal, metadata, backend)
-    if metadata is None:
-        metadata = get_mla_metadata(cache_seqlens, block_table, cache.shape[0], q.shape[1], q.shape[2])
-    run = _decode if _backend.eager(q, cache, block_table, cache_seqlens, *metadata[:6]) else _mla_decode_op
-    return run(q, cache, block_table, cache_seqlens, *metadata[:6], scale, causal, name)
+            key = None
+    if plan is None:
+        q, cache, block_table, cache_seqlens, md, *plan = _checked_decode(q, cache, block_table, cache_seqlens,
+                                                                          softmax_scale, causal, md, backend)
+        if key is not None:
+            if len(_DECODE_PLANS) > 4096:
+                _DECODE_PLANS.clear()
+            _DECODE_PLANS[key] = plan
+        direct = _backend.eager(q, cache, block_table, cache_seqlens) and (md is None or _backend.eager(*md[:6]))
+    scale, name = plan
+    if md is None:  # the lengths and the table were checked with the decode's arguments
+        md = _metadata(cache_seqlens, block_table, cache.shape[0], q.shape[1], q.shape[2],
+                       _backend.resolve("get_mla_metadata", "auto", q.device))
+    return (_decode if direct else _mla_decode_op)(q, cache, block_table, cache_seqlens, *md[:6], scale, causal,
+                                                   name)
 
 
 _DECODE_PLANS = {}  # argument signature -> (softmax scale, backend name), for arguments _checked_decode passed
@@ -471,5 +473,5 @@ def append_to_cache(cache, block_table, cache_seqlens, kv_latent, k_rope, *, val
     name = _backend.resolve(op, backend, cache.device)
     if validate:
         _validate_values(cache.shape[0], block_table, cache_seqlens + s, s)
-    run = _append if _backend.eager(cache, block_table, cache_seqlens, kv_latent, k_rope) else _append_op
+    run = _backend.pick(_append, _append_op, cache, block_table, cache_seqlens, kv_latent, k_rope)
     return run(cache, block_table, cache_seqlens, kv_latent, k_rope, name)

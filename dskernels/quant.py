@@ -243,10 +243,7 @@ def per_token_group_quant(x, *, pow2_scale: bool = False, scale_layout: str = "r
     power of two. Dequantize: q * scale per tile (dequant). NaN elements quantize to NaN; an Inf
     makes its tile's scale Inf (the tile dequantizes to NaN).
     """
-    x = _check_input("x", x, pow2_scale, scale_layout)
-    name = _backend.resolve("per_token_group_quant", backend, x.device)
-    run = _groups if _backend.eager(x) else _per_token_group_quant_op
-    return run(x, pow2_scale, scale_layout, name)
+    return groups_unchecked(_check_input("x", x, pow2_scale, scale_layout), pow2_scale, scale_layout, backend)
 
 
 def per_token_group_quant_transposed(x, *, pow2_scale: bool = False, scale_layout: str = "row",
@@ -259,9 +256,7 @@ def per_token_group_quant_transposed(x, *, pow2_scale: bool = False, scale_layou
     per_token_group_quant(x.T.contiguous()) but reads x once.
     """
     x = _check_input("x", x, pow2_scale, scale_layout)
-    name = _backend.resolve("per_token_group_quant_transposed", backend, x.device)
-    run = _groups_transposed if _backend.eager(x) else _per_token_group_quant_transposed_op
-    return run(x, pow2_scale, scale_layout, name)
+    return groups_transposed_unchecked(x, pow2_scale, scale_layout, backend)
 
 
 def per_token_group_quant_both(x, *, pow2_scale: bool = False, scale_layout: str = "row", pad: bool = False,
@@ -275,10 +270,7 @@ def per_token_group_quant_both(x, *, pow2_scale: bool = False, scale_layout: str
     scale changes). scale_layout applies to both scales.
     """
     x = _check_input("x", x, pow2_scale, scale_layout)
-    check_bool("pad", pad)
-    name = _backend.resolve("per_token_group_quant_both", backend, x.device)
-    run = _both if _backend.eager(x) else _per_token_group_quant_both_op
-    return run(x, pow2_scale, scale_layout, pad, name)
+    return both_unchecked(x, pow2_scale, scale_layout, check_bool("pad", pad), backend)
 
 
 def per_block_quant(w, *, pow2_scale: bool = False, backend: str = "auto"):
@@ -287,9 +279,7 @@ def per_block_quant(w, *, pow2_scale: bool = False, backend: str = "auto"):
     w: [N, K] float32/bfloat16/float16, contiguous. Returns q [N, K] float8_e4m3fn and
     scale [ceil(N/128), ceil(K/128)] float32 (row-major).
     """
-    w = _check_input("w", w, pow2_scale)
-    name = _backend.resolve("per_block_quant", backend, w.device)
-    return (_blocks if _backend.eager(w) else _per_block_quant_op)(w, pow2_scale, name)
+    return blocks_unchecked(_check_input("w", w, pow2_scale), pow2_scale, backend)
 
 
 def dequant(q, scale, *, block_shape=(1, 128), out_dtype=torch.bfloat16, backend: str = "auto"):
@@ -310,30 +300,31 @@ def dequant(q, scale, *, block_shape=(1, 128), out_dtype=torch.bfloat16, backend
     R, C = q.shape
     check_shape("scale", scale, (cdiv(R, block_shape[0]), cdiv(C, BLOCK)))
     name = _backend.resolve("dequant", backend, q.device)
-    run = _dequant if _backend.eager(q, scale) else _dequant_op
-    return run(q, scale, block_shape[0], out_dtype, name)
+    return _backend.pick(_dequant, _dequant_op, q, scale)(q, scale, block_shape[0], out_dtype, name)
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry points for dskernels' own layers (dskernels.linear), whose arguments already satisfy every rule
-# above: the public functions' work without their checks (a check costs host time on every call).
+# The public functions' work once their arguments are checked, also called directly by dskernels' own
+# layers (dskernels.linear), whose arguments satisfy every rule already (a check costs host time on every
+# call). Each resolves the backend (raising before any launch) and runs the implementation directly in
+# plain eager mode, else the custom op.
 
-def groups_unchecked(x, scale_layout, backend):
+def groups_unchecked(x, pow2_scale, scale_layout, backend):
     name = _backend.resolve("per_token_group_quant", backend, x.device)
-    return (_groups if _backend.eager(x) else _per_token_group_quant_op)(x, False, scale_layout, name)
+    return _backend.pick(_groups, _per_token_group_quant_op, x)(x, pow2_scale, scale_layout, name)
 
 
-def groups_transposed_unchecked(x, scale_layout, backend):
+def groups_transposed_unchecked(x, pow2_scale, scale_layout, backend):
     name = _backend.resolve("per_token_group_quant_transposed", backend, x.device)
-    run = _groups_transposed if _backend.eager(x) else _per_token_group_quant_transposed_op
-    return run(x, False, scale_layout, name)
+    return _backend.pick(_groups_transposed, _per_token_group_quant_transposed_op, x)(x, pow2_scale, scale_layout,
+                                                                                      name)
 
 
-def both_unchecked(x, scale_layout, pad, backend):
+def both_unchecked(x, pow2_scale, scale_layout, pad, backend):
     name = _backend.resolve("per_token_group_quant_both", backend, x.device)
-    return (_both if _backend.eager(x) else _per_token_group_quant_both_op)(x, False, scale_layout, pad, name)
+    return _backend.pick(_both, _per_token_group_quant_both_op, x)(x, pow2_scale, scale_layout, pad, name)
 
 
-def blocks_unchecked(w, backend):
+def blocks_unchecked(w, pow2_scale, backend):
     name = _backend.resolve("per_block_quant", backend, w.device)
-    return (_blocks if _backend.eager(w) else _per_block_quant_op)(w, False, name)
+    return _backend.pick(_blocks, _per_block_quant_op, w)(w, pow2_scale, name)
