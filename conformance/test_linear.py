@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import dskernels
 import dskernels.linear as lin
-from conformance.conftest import DEVICE, ON_GPU, backends_for, gpu_only, random_input, seed_of
+from conformance.conftest import DEVICE, ON_GPU, as_bytes, backends_for, gpu_only, random_input, seed_of, twice_poisoned
 from conformance.tolerances import assert_finite, diff, max_rel_error
 from dskernels import FP8Linear, fp8_linear
 from dskernels.reference import gemm as rg
@@ -258,8 +258,24 @@ def test_no_grad_forward_does_the_forward_only(backend, monkeypatch):
     layer.invalidate_weight_cache()
     monkeypatch.setattr(lin, "both_unchecked", refuse)
     monkeypatch.setattr(lin, "_transpose", refuse)  # W^T's copy serves only the input gradient
+    monkeypatch.setattr(lin, "blocks_both_unchecked", refuse)
     with torch.no_grad():
         assert torch.equal(layer(x), y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("N", [384, 200], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_weight_and_its_transpose_in_one_pass(backend, N, dtype):
+    """quantize_weight makes W and W^T (N zero-padded to 128) from one read of W where the CUDA kernel
+    runs: the same bytes and scales as per_block_quant and transposing its result."""
+    w = random_input((N, 512), dtype, seed=41, device=DEVICE, outliers=False)
+    got = twice_poisoned(lambda: lin.quantize_weight(w, backend=backend))
+    q, s = dskernels.per_block_quant(w, backend=backend)
+    want = [q, s, lin._pad_dim(q.t().contiguous(), 1), s.t().contiguous()]
+    for name, g, x in zip(("q", "scale", "q_t", "scale_t"), got, want):
+        assert g.shape == x.shape and g.is_contiguous(), name
+        assert torch.equal(as_bytes(g), as_bytes(x)), name
 
 
 # --- tracing, graphs, DDP ------------------------------------------------------------------------

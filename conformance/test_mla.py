@@ -397,6 +397,13 @@ def test_an_invalid_batch_becomes_nan_and_check_raises(backend, bad_batch):
     assert torch.isfinite(out[good].float()).all() and torch.isfinite(lse[good]).all()
     with pytest.raises(ValueError, match=f"invalid when get_mla_metadata ran.*first is batch {bad_batch}"):
         md.check()
+    # The call without metadata (its work list made inside) flags the same batch, and only it.
+    q = query(2, 1, 16)
+    out, lse = twice_poisoned(lambda: mla.mla_decode(q, cache, bad_table, lens, ref.softmax_scale(),
+                                                     backend=backend))
+    assert torch.isnan(out[bad_batch].float()).all() and torch.isnan(lse[bad_batch]).all()
+    check_against_reference(out[good:good + 1], lse[good:good + 1], q[good:good + 1], cache, block_table[good:good + 1],
+                            lens[good:good + 1], ref.softmax_scale(), True)
 
 
 def test_validate_names_the_invalid_entry():

@@ -118,6 +118,12 @@ PYBIND11_MODULE(_C, m) {
     quant_blocks(ptr(w), DType(dtype), N, K, ld_w, ptr(q), ld_q, ptr<float>(s), s_r, s_g, pow2,
                  stream(st));
   });
+  m.def("quant_blocks_both", [](uintptr_t w, int dtype, int N, int K, int64_t ld_w, uintptr_t q, int64_t ld_q,
+                                uintptr_t s, int64_t s_r, int64_t s_g, uintptr_t q_t, int64_t ld_qt, int N_out,
+                                uintptr_t st, int64_t st_r, int64_t st_g, bool pow2, uintptr_t strm) {
+    quant_blocks_both(ptr(w), DType(dtype), N, K, ld_w, ptr(q), ld_q, ptr<float>(s), s_r, s_g, ptr(q_t), ld_qt, N_out,
+                      ptr<float>(st), st_r, st_g, pow2, stream(strm));
+  });
   m.def("dequant", [](uintptr_t q, int rows, int cols, int64_t ld_q, uintptr_t s, int64_t s_r,
                       int64_t s_g, int block_rows, uintptr_t out, int out_dtype, int64_t ld_out,
                       uintptr_t st) {

@@ -30,22 +30,29 @@ def _mn_major(scale: torch.Tensor) -> torch.Tensor:
 
 
 def _cuda(a, a_scale, b, b_scale, out, accumulate):
-    M, K = a.shape
-    N = b.shape[0]
-    per_row = b_scale.shape[0] == N and N > 1
-    for name, t in (("a", a), ("b", b)):
-        if t.data_ptr() % 16:
-            raise ValueError(f"{name} must start at a 16-byte aligned address for the CUDA kernel's TMA loads "
-                             f"(a slice that starts mid-row breaks this)")
+    per_row = b_scale.shape[0] == b.shape[0] and b.shape[0] > 1
     a_scale = _mn_major(a_scale)
     b_scale = _mn_major(b_scale) if per_row else b_scale.contiguous()
-    for name, t in (("a_scale", a_scale), ("b_scale", b_scale)):
-        if t.data_ptr() % 16:
-            raise ValueError(f"{name} must start at a 16-byte aligned address for the CUDA kernel's TMA loads")
-    sms = _backend.device_properties(a.device.index or 0)["sms"]
-    _backend._C.fp8_gemm(a.data_ptr(), a_scale.data_ptr(), a_scale.stride(1), b.data_ptr(),
-                         b_scale.data_ptr(), b_scale.stride(1) if per_row else 0, per_row,
-                         out.data_ptr(), out.dtype == torch.float32, accumulate, M, N, K, sms,
+    _launch(a, a_scale, b, b_scale, out, accumulate, per_row, _backend.device_properties(a.device.index or 0)["sms"])
+
+
+def _in_kernel_layout(a_scale, b_scale, per_row) -> bool:
+    """Whether _cuda would pass the scales to the kernel as they are (no copy)."""
+    return _mn_major(a_scale) is a_scale and ((_mn_major(b_scale) if per_row else b_scale.contiguous()) is b_scale)
+
+
+def _launch(a, a_scale, b, b_scale, out, accumulate, per_row, sms):
+    """The CUDA kernel on operands in its layouts (a_scale, and b_scale when per_row, MN-major; else
+    b_scale contiguous), on the current device."""
+    pa, psa, pb, psb = a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr()
+    if (pa | psa | pb | psb) & 15:
+        for name, p in (("a", pa), ("a_scale", psa), ("b", pb), ("b_scale", psb)):
+            if p % 16:
+                raise ValueError(f"{name} must start at a 16-byte aligned address for the CUDA kernel's TMA loads "
+                                 f"(a slice that starts mid-row breaks this)")
+    M, K = a.shape
+    _backend._C.fp8_gemm(pa, psa, a_scale.stride(1), pb, psb, b_scale.stride(1) if per_row else 0, per_row,
+                         out.data_ptr(), out.dtype is torch.float32, accumulate, M, b.shape[0], K, sms,
                          _backend.stream(a))
 
 
@@ -111,9 +118,10 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out=None, out_dtype=torch.bfloat16, accu
     needs a and b to start at 16-byte aligned addresses (checked when it runs).
     """
     # In plain eager mode the checks' verdict is cached per argument signature (shapes, strides, dtypes,
-    # devices, options and their types), so a repeated call costs a dictionary lookup instead of the checks.
+    # devices, options and their types), so a repeated call costs a dictionary lookup instead of the checks;
+    # with it, whether the CUDA kernel can take the operands as they are (then launched right here).
     direct = _backend.eager(a, a_scale, b, b_scale) and (out is None or _backend.eager(out))
-    key = name = None
+    key = plan = None
     if direct:
         try:
             key = (a.shape, a.stride(), a.dtype, a.device, a_scale.shape, a_scale.stride(), a_scale.dtype,
@@ -121,23 +129,36 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out=None, out_dtype=torch.bfloat16, accu
                    b_scale.dtype, b_scale.device, None if out is None else (out.shape, out.stride(), out.dtype,
                                                                            out.device),
                    out_dtype, type(accumulate), accumulate, backend)
-            name = _PLANS.get(key)
+            plan = _PLANS.get(key)
         except TypeError:  # an unhashable option: the checks below name it
             key = None
-    if name is None:
+        if plan is not None and plan[1] is not None and a.device.index == torch._C._cuda_getDevice():
+            if out is None:
+                out = _backend.empty((a.shape[0], b.shape[0]), out_dtype, a.device)
+            _launch(a, a_scale, b, b_scale, out, accumulate, plan[1], plan[2])
+            return out
+    if plan is None:
         a, a_scale, b, b_scale, out, name = _checked(a, a_scale, b, b_scale, out, out_dtype, accumulate, backend)
+        direct = _backend.eager(a, a_scale, b, b_scale) and (out is None or _backend.eager(out))  # foreign arrays
         if key is not None:
             if len(_PLANS) > 4096:
                 _PLANS.clear()
-            _PLANS[key] = name
-        direct = _backend.eager(a, a_scale, b, b_scale) and (out is None or _backend.eager(out))  # foreign arrays
+            per_row = b_scale.shape[0] == b.shape[0] and b.shape[0] > 1
+            fast = name == "cuda" and direct and _in_kernel_layout(a_scale, b_scale, per_row)
+            _PLANS[key] = plan = (name, per_row if fast else None,
+                                  _backend.device_properties(a.device.index)["sms"] if fast else None)
+        else:
+            plan = (name, None, None)
+    name = plan[0]
     if out is None:
         return (_gemm if direct else _fp8_gemm_op)(a, a_scale, b, b_scale, out_dtype, name)
     (_gemm_out if direct else _fp8_gemm_out_op)(a, a_scale, b, b_scale, out, accumulate, name)
     return out
 
 
-_PLANS = {}  # argument signature -> backend name, for arguments that passed _checked
+# argument signature -> (backend name, per_row, SM count) for arguments that passed _checked; per_row (the
+# b_scale granularity) is None unless the CUDA kernel takes the operands as they are, in plain eager mode
+_PLANS = {}
 
 
 def _checked(a, a_scale, b, b_scale, out, out_dtype, accumulate, backend):

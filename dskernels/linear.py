@@ -14,8 +14,9 @@ Built for training speed:
   column (x^T) for the weight gradient, and only x^T's FP8 copy is kept for the backward (DeepSeek-V3
   caches activations in FP8). A forward that needs no weight gradient quantizes per row only; a
   forward under no_grad does only the forward's work. The backward quantizes dy both ways in one pass.
-- The weight's quantization, W and W^T (the same 128x128 blocks, the same scales), is made once and
-  reused until the weight changes (FP8Linear.quantized_weight has the rule).
+- The weight's quantization, W and W^T (the same 128x128 blocks, the same scales, from one read of W
+  with the CUDA backend in eager mode), is made once and reused until the weight changes
+  (FP8Linear.quantized_weight has the rule).
 - Each GEMM writes its output in the dtype wanted (no cast pass): y and dx in x's dtype, dW in the
   weight's, or accumulated straight into an fp32 `weight.main_grad` (fuse_wgrad_accumulation=True).
 - Reductions not a multiple of 128 are zero-padded, which is exact (zeros add nothing to a sum and leave
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 from dskernels import backend as _backend
 from dskernels.checks import check_bool, check_choice, check_tensor
 from dskernels.gemm import gemm_into_unchecked, gemm_unchecked
-from dskernels.quant import blocks_unchecked, both_unchecked, groups_transposed_unchecked, groups_unchecked
+from dskernels.quant import (blocks_both_unchecked, blocks_unchecked, both_unchecked, groups_transposed_unchecked,
+                             groups_unchecked)
 
 __all__ = ["FP8Linear", "fp8_linear", "quantize_weight"]
 
@@ -57,7 +59,11 @@ def quantize_weight(weight: torch.Tensor, *, transposed: bool = True, backend: s
     """[wq, ws, wq_t, ws_t]: weight [N, K] per 128x128 block for the forward, and (transposed=True) its
     transpose [K, N rounded up to 128] (zero columns) with the transposed scales for the input gradient;
     without, wq_t and ws_t are None."""
-    wq, ws = blocks_unchecked(weight.detach().contiguous(), False, backend)
+    w = weight.detach().contiguous()
+    both = blocks_both_unchecked(w, False, True, backend) if transposed else None
+    if both is not None:  # W and W^T from one read of W
+        return both
+    wq, ws = blocks_unchecked(w, False, backend)
     return [wq, ws, *(_transpose(wq, ws) if transposed else (None, None))]
 
 
@@ -261,7 +267,8 @@ class FP8Linear(torch.nn.Module):
         key = (w.data_ptr(), w._version, w.dtype, w.shape, w.device, torch.is_inference_mode_enabled())
         cached = self._cached
         if cached is None or cached[0]() is not w or cached[1] != key:
-            cached = self._cached = (weakref.ref(w), key, quantize_weight(w, transposed=False, backend=self.backend))
+            made = quantize_weight(w, transposed=transposed, backend=self.backend)
+            cached = self._cached = (weakref.ref(w), key, made)
         quantized = cached[2]
         if transposed and quantized[2] is None:
             quantized[2:] = _transpose(quantized[0], quantized[1])

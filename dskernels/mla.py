@@ -260,21 +260,61 @@ def _triton_decode(q, cache, block_table, cache_seqlens, scale, causal, md, out,
     tm.mla_decode(q, cache, block_table, cache_seqlens, scale, causal, md, _partials(q, md[0]), out, lse)
 
 
-def _cuda_decode(q, cache, block_table, cache_seqlens, scale, causal, md, out, lse):
-    items, offsets, bad, made_seqlens, table_hash, error = md
+def _workspace(q, n_items, ints=0):
+    """One fp32 allocation for the split pass's partial outputs [n_items, rows, 512] and log-sum-exps
+    [n_items, rows] and, after them, `ints` int32 words (a work list made on the fly): the tensor that owns
+    it and the three regions' addresses (the partial outputs at the allocation's 16-byte aligned start)."""
+    rows = q.shape[1] * q.shape[2]
+    n_o, n_l = n_items * rows * KV_LORA_RANK, n_items * rows
+    buf = _backend.empty((n_o + n_l + ints,), torch.float32, q.device)
+    p = buf.data_ptr()
+    return buf, p, p + 4 * n_o, p + 4 * (n_o + n_l)
+
+
+def _launch_decode(q, cache, block_table, cache_seqlens, scale, causal, n_items, md_ptrs, o_part, lse_part, out, lse):
+    """The split and combine launches on the current device; md_ptrs: the addresses of the work list's
+    items, item_offsets, bad, cache_seqlens, table_hash and error."""
+    items, offsets, bad, made_seqlens, table_hash, error = md_ptrs
     B, s_q, H, _ = q.shape
-    o_part, lse_part = _partials(q, items)
     C, st = _backend._C, _backend.stream(q)
     # Batches the scheduler flagged (bad) and batches whose inputs differ from the record come back NaN:
     # the device-side checks, no host sync. Single-item batches are finished by the split pass, the
     # others by the combine.
     C.mla_decode_split(q.data_ptr(), cache.data_ptr(), cache.shape[0], cache.stride(0), block_table.data_ptr(),
-                       block_table.stride(0), block_table.shape[1], cache_seqlens.data_ptr(), items.data_ptr(),
-                       offsets.data_ptr(), bad.data_ptr(), made_seqlens.data_ptr(), table_hash.data_ptr(),
-                       error.data_ptr(), items.shape[0], B, s_q, H, scale, causal, o_part.data_ptr(),
-                       lse_part.data_ptr(), out.data_ptr(), lse.data_ptr(), st)
-    C.mla_decode_combine(o_part.data_ptr(), lse_part.data_ptr(), offsets.data_ptr(), bad.data_ptr(), B, s_q, H,
-                         out.data_ptr(), lse.data_ptr(), st)
+                       block_table.stride(0), block_table.shape[1], cache_seqlens.data_ptr(), items, offsets, bad,
+                       made_seqlens, table_hash, error, n_items, B, s_q, H, scale, causal, o_part, lse_part,
+                       out.data_ptr(), lse.data_ptr(), st)
+    C.mla_decode_combine(o_part, lse_part, offsets, bad, B, s_q, H, out.data_ptr(), lse.data_ptr(), st)
+
+
+def _cuda_decode(q, cache, block_table, cache_seqlens, scale, causal, md, out, lse):
+    ws, o_part, lse_part, _ = _workspace(q, md[0].shape[0])
+    _launch_decode(q, cache, block_table, cache_seqlens, scale, causal, md[0].shape[0], [t.data_ptr() for t in md],
+                   o_part, lse_part, out, lse)
+
+
+def _cuda_decode_default(q, cache, block_table, cache_seqlens, scale, causal):
+    """mla_decode without metadata on the CUDA backend in plain eager mode: the work list is made into
+    the allocation of the partial outputs (no tensors of its own), so the call costs one launch more than
+    a call with metadata and no allocation more."""
+    B, s_q, H, _ = q.shape
+    parts = num_parts(q.device, s_q * H)
+    n_items = parts + B
+    sizes = (3 * n_items, B + 1, B, B, B, 2)  # as _metadata_tensors lays them out
+    ws, o_part, lse_part, p = _workspace(q, n_items, sum(sizes))
+    md_ptrs = []
+    for n in sizes:
+        md_ptrs.append(p)
+        p += 4 * n
+    out = _backend.empty((B, s_q, H, KV_LORA_RANK), q.dtype, q.device)
+    lse = _backend.empty((B, H, s_q), torch.float32, q.device)
+    with _backend.on_device(q):
+        _backend._C.mla_decode_schedule(cache_seqlens.data_ptr(), block_table.data_ptr(), block_table.stride(0), B,
+                                        block_table.shape[1], cache.shape[0], s_q, parts, *md_ptrs,
+                                        _backend.stream(q))
+        _launch_decode(q, cache, block_table, cache_seqlens, scale, causal, n_items, md_ptrs, o_part, lse_part, out,
+                       lse)
+    return out, lse
 
 
 def _reference_decode(q, cache, block_table, cache_seqlens, scale, causal, md, out, lse):
@@ -383,6 +423,8 @@ def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale: float, causa
             _DECODE_PLANS[key] = plan
         direct = _backend.eager(q, cache, block_table, cache_seqlens) and (md is None or _backend.eager(*md[:6]))
     scale, name = plan
+    if md is None and direct and name == "cuda":
+        return _cuda_decode_default(q, cache, block_table, cache_seqlens, scale, causal)
     if md is None:  # the lengths and the table were checked with the decode's arguments
         md = _metadata(cache_seqlens, block_table, cache.shape[0], q.shape[1], q.shape[2],
                        _backend.resolve("get_mla_metadata", "auto", q.device))

@@ -328,3 +328,25 @@ def both_unchecked(x, pow2_scale, scale_layout, pad, backend):
 def blocks_unchecked(w, pow2_scale, backend):
     name = _backend.resolve("per_block_quant", backend, w.device)
     return _backend.pick(_blocks, _per_block_quant_op, w)(w, pow2_scale, name)
+
+
+def blocks_both_unchecked(w, pow2_scale, pad, backend):
+    """per_block_quant of w [N, K] and its transpose from one read of w: [q, scale, q_t, scale_t] with q_t
+    [K, N (rounded up to 128 with zero columns when pad)] = q^T and scale_t = scale^T (the same blocks),
+    by the CUDA kernel in plain eager mode; None elsewhere (the caller then transposes per_block_quant's
+    result: the same bytes)."""
+    name = _backend.resolve("per_block_quant", backend, w.device)
+    if name != "cuda" or not _backend.eager(w):
+        return None
+    N, K = w.shape
+    N_out = cdiv(N, BLOCK) * BLOCK if pad else N
+    q = _backend.empty((N, K), FP8, w.device)
+    scale = _backend.empty((cdiv(N, BLOCK), cdiv(K, BLOCK)), torch.float32, w.device)
+    q_t = _backend.empty((K, N_out), FP8, w.device)
+    scale_t = _backend.empty((cdiv(K, BLOCK), cdiv(N, BLOCK)), torch.float32, w.device)
+    with _backend.on_device(w):
+        _backend._C.quant_blocks_both(w.data_ptr(), _DTYPE_CODE[w.dtype], N, K, w.stride(0), q.data_ptr(), q.stride(0),
+                                      scale.data_ptr(), scale.stride(0), scale.stride(1), q_t.data_ptr(), q_t.stride(0),
+                                      N_out, scale_t.data_ptr(), scale_t.stride(0), scale_t.stride(1), pow2_scale,
+                                      _backend.stream(w))
+    return [q, scale, q_t, scale_t]

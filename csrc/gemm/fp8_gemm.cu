@@ -124,8 +124,11 @@ using fp8_gemm_detail::Params;
 
 constexpr int kBlockK = 128;                 // K elements (= bytes) per stage; also the scale block
 constexpr int kMaxDynamicSmem = 232448;      // 227 KB: the H100's per-block opt-in limit
-constexpr int kProducerRegs = 40;
-constexpr int kMathRegs = 232;
+// Registers per thread after setmaxnreg: producer warpgroup and math warpgroups. 1D1D's promotion
+// needs a few more in the math warpgroups (it reads b scales per column pair), which the producer's one
+// issuing thread gives up (24: setmaxnreg's minimum).
+__host__ __device__ constexpr int producer_regs(bool per_row) { return per_row ? 24 : 40; }
+__host__ __device__ constexpr int math_regs(bool per_row) { return per_row ? 240 : 232; }
 constexpr int kGroupRows = 1024;             // rows of A shared by the tiles of one rasterization group
 
 constexpr int round_up(int x, int to) { return (x + to - 1) / to * to; }
@@ -185,12 +188,11 @@ struct Tile {
   }
 };
 
-// What a math thread keeps of one K block between issuing its wgmma and promoting the result.
-template <int BN, bool kScaleBPerRow>
+// What a math thread keeps of one K block between issuing its wgmma and promoting the result (1D1D's
+// per-column b scales stay in the stage's shared memory until the promotion reads them).
 struct KBlockScales {
-  float a_lo, a_hi;                             // a_scale of rows `row` and `row + 8`
-  float b_lo, b_hi;                             // 1D2D: b_scale of the tile's first and second 128-row block
-  float2 b_cols[kScaleBPerRow ? BN / 8 : 1];    // 1D1D: b_scale of this thread's column pairs
+  float a_lo, a_hi;  // a_scale of rows `row` and `row + 8`
+  float b_lo, b_hi;  // 1D2D: b_scale of the tile's first and second 128-row block
   int stage;
 };
 
@@ -246,7 +248,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
 
   if (warpgroup == T::kMathWarpgroups) {
     // ---------------- producer ----------------
-    setmaxnreg_dec<kProducerRegs>();
+    setmaxnreg_dec<producer_regs(kScaleBPerRow)>();
     if (threadIdx.x % 128 == 0) {
       tma_prefetch_descriptor(&tmap_a);
       tma_prefetch_descriptor(&tmap_b);
@@ -303,15 +305,15 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
     }
   } else {
     // ---------------- math warpgroups ----------------
-    setmaxnreg_inc<kMathRegs>();
+    setmaxnreg_inc<math_regs(kScaleBPerRow)>();
     const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const int row = warpgroup * 64 + warp * 16 + lane / 4;  // tile row of acc[4j + 0/1]; +8 for 4j + 2/3
     const int col = 2 * (lane % 4);                          // tile column of acc[4j + 0] minus 8j
     const int num_n_scale_blocks = (p.N + 127) / 128;
 
-    // Two partial fragments when registers allow (1D2D, BN <= 128): K block kb + 1 is issued before
-    // kb is promoted, so this warpgroup's FFMAs overlap its own next wgmma, not only the other one's.
-    constexpr bool kPipelined = !kScaleBPerRow && BN <= 128;
+    // Two partial fragments when registers allow (BN <= 128): K block kb + 1 is issued before kb is
+    // promoted, so this warpgroup's FFMAs overlap its own next wgmma, not only the other one's.
+    constexpr bool kPipelined = BN <= 128;
     float partial0[BN / 2], partial1[kPipelined ? BN / 2 : 1];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) partial0[i] = 0.0f;
@@ -340,7 +342,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
     float acc[BN / 2];
 
     // Waits for K block kb's stage, reads its scales and issues its 4 wgmma into d (one commit group).
-    auto issue = [&](float(&d)[BN / 2], KBlockScales<BN, kScaleBPerRow>& sc, int kb, const TileInfo& ti) {
+    auto issue = [&](float(&d)[BN / 2], KBlockScales& sc, int kb, const TileInfo& ti) {
       if constexpr (!kScaleBPerRow) {
         // Issued before the wait so the global latency hides behind the barrier.
         sc.b_lo = __ldg(ti.b_scale_lo + kb);
@@ -357,11 +359,6 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
       const float* a_scale = reinterpret_cast<const float*>(smem + T::kAScaleOffset + s * T::kAScaleBytes);
       sc.a_lo = a_scale[row];
       sc.a_hi = a_scale[row + 8];
-      if constexpr (kScaleBPerRow) {
-        const float* b_scale = reinterpret_cast<const float*>(smem + T::kBScaleOffset + s * T::kBScaleBytes);
-#pragma unroll
-        for (int j = 0; j < BN / 8; ++j) sc.b_cols[j] = *reinterpret_cast<const float2*>(b_scale + 8 * j + col);
-      }
       sc.stage = s;
       if (++s == S) { s = 0; phase ^= 1; }
     };
@@ -382,22 +379,30 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
     // math warp of this CTA per phase (empty count = 4 x math warpgroups x kCluster), and never one for
     // the next phase early: this CTA consumes stage s again only after full[s] completes again, which
     // needs the peer's next multicast, issued after the peer's empty[s] phase has completed.
-    auto retire = [&](float(&d)[BN / 2], const KBlockScales<BN, kScaleBPerRow>& sc, const TileInfo& ti) {
+    auto retire = [&](float(&d)[BN / 2], const KBlockScales& sc, const TileInfo& ti) {
       fence_registers(d);
-      __syncwarp();
-      if (lane == 0) {
-        mbarrier_arrive(&empty[sc.stage]);
-        if constexpr (kCluster > 1) mbarrier_arrive_remote(&empty[sc.stage], static_cast<uint32_t>(cta_rank ^ 1));
-      }
+      auto release = [&]() {
+        __syncwarp();
+        if (lane == 0) {
+          mbarrier_arrive(&empty[sc.stage]);
+          if constexpr (kCluster > 1) mbarrier_arrive_remote(&empty[sc.stage], static_cast<uint32_t>(cta_rank ^ 1));
+        }
+      };
       if constexpr (kScaleBPerRow) {
+        // 1D1D: this thread's column pairs' b scales, read from the stage (released only after them): held
+        // in registers from issue to retire they would leave too few for a second partial fragment.
+        const float* b_scale = reinterpret_cast<const float*>(smem + T::kBScaleOffset + sc.stage * T::kBScaleBytes);
 #pragma unroll
         for (int j = 0; j < BN / 8; ++j) {
-          acc[4 * j + 0] = fmaf(d[4 * j + 0], sc.a_lo * sc.b_cols[j].x, acc[4 * j + 0]);
-          acc[4 * j + 1] = fmaf(d[4 * j + 1], sc.a_lo * sc.b_cols[j].y, acc[4 * j + 1]);
-          acc[4 * j + 2] = fmaf(d[4 * j + 2], sc.a_hi * sc.b_cols[j].x, acc[4 * j + 2]);
-          acc[4 * j + 3] = fmaf(d[4 * j + 3], sc.a_hi * sc.b_cols[j].y, acc[4 * j + 3]);
+          const float2 b = *reinterpret_cast<const float2*>(b_scale + 8 * j + col);
+          acc[4 * j + 0] = fmaf(d[4 * j + 0], sc.a_lo * b.x, acc[4 * j + 0]);
+          acc[4 * j + 1] = fmaf(d[4 * j + 1], sc.a_lo * b.y, acc[4 * j + 1]);
+          acc[4 * j + 2] = fmaf(d[4 * j + 2], sc.a_hi * b.x, acc[4 * j + 2]);
+          acc[4 * j + 3] = fmaf(d[4 * j + 3], sc.a_hi * b.y, acc[4 * j + 3]);
         }
+        release();
       } else {
+        release();
         const float lo0 = sc.a_lo * sc.b_lo, hi0 = sc.a_hi * sc.b_lo;
         const float lo1 = sc.a_lo * sc.b_hi, hi1 = sc.a_hi * sc.b_hi;
 #pragma unroll
@@ -464,7 +469,7 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
       }
     };
 
-    KBlockScales<BN, kScaleBPerRow> sc0, sc1;
+    KBlockScales sc0, sc1;
     // kOverlap: K block 0 of a tile is issued at the end of the previous tile (before its epilogue), or
     // here for the first tile.
     if constexpr (kOverlap) {
@@ -642,7 +647,8 @@ template <int BM, int BN, bool kScaleBPerRow, bool kOverlap = false, int kCluste
 cudaError_t launch(const Problem& q) {
   using T = Tile<BM, BN, kScaleBPerRow, kOverlap>;
   using namespace hopper;
-  static_assert(128 * (kProducerRegs + T::kMathWarpgroups * kMathRegs) <= 65536, "register file after setmaxnreg");
+  static_assert(128 * (producer_regs(kScaleBPerRow) + T::kMathWarpgroups * math_regs(kScaleBPerRow)) <= 65536,
+                "register file after setmaxnreg");
   static_assert(T::kTxBytes < (1u << 20), "mbarrier transaction count range");
   const int num_k_blocks = q.K / kBlockK;
 
@@ -772,7 +778,8 @@ const ConfigEntry* find_config(Fp8GemmConfig c, ScaleGranularity gran) {
 // time its epilogue takes when the tensor cores wait for it); kOverlap alone gains up to 1.06x. The 2-CTA
 // multicast variants measured 3-4x slower than cluster_m = 1: a cluster-scope fence per K block in their
 // consumer release, removed since (NOTES.md); no rule uses them until a GPU sweep times the fixed kernels.
-// 1D1D variants pass the self-test but were not timed: no rule for them yet.
+// 1D1D (the weight gradient) takes the same TMA-store rule, by analogy with 1D2D, until a GPU sweep of its
+// own (`fp8_gemm_selftest sweep-wgrad`) says otherwise.
 // (kTmaStore falls back to kOverlap's register stores by itself for fp32 / odd N / unaligned out.)
 // ------------------------------------------------------------------------------------------------
 struct VariantRule {
@@ -786,6 +793,7 @@ struct VariantRule {
 constexpr VariantRule kVariantRules[] = {
     {ScaleGranularity::k1D2D, 1, std::numeric_limits<int>::max(), 128, 128, Fp8GemmEpilogue::kTmaStore, 1},
     {ScaleGranularity::k1D2D, 1, std::numeric_limits<int>::max(), 128, 144, Fp8GemmEpilogue::kTmaStore, 1},
+    {ScaleGranularity::k1D1D, 1, std::numeric_limits<int>::max(), 128, 128, Fp8GemmEpilogue::kTmaStore, 1},
 };
 
 // Estimated cycles of one tile per K block on one SM: the slower of the tensor cores and the loads

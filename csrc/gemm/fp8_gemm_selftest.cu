@@ -7,6 +7,7 @@
 //   ./fp8_gemm_selftest          # correctness: one line per case, exit 1 on any mismatch
 //   ./fp8_gemm_selftest bench    # DeepSeek-V3 shapes with the heuristic's tile shape
 //   ./fp8_gemm_selftest sweep    # the same shapes with every compiled tile shape (to tune the heuristic)
+//   ./fp8_gemm_selftest sweep-wgrad  # every 1D1D config on FP8Linear's weight-gradient shapes
 //   ./fp8_gemm_selftest sanitize # small tail shapes, every compiled config once (for compute-sanitizer)
 // Each bench line ends with grid=CTAS, the persistent grid launched (cluster configs: clusters x 2).
 //
@@ -269,43 +270,61 @@ double time_us(const Case& c, const Buffers& buf, void* flush, size_t flush_byte
   return times[times.size() / 2];
 }
 
-int bench(bool sweep) {
-  const int ms[] = {64, 128, 4096};
-  const int nks[][2] = {{2112, 7168}, {576, 7168}, {24576, 1536}, {32768, 512},
-                        {7168, 16384}, {4096, 7168}, {7168, 2048}};
-  const std::vector<Fp8GemmConfig> all = list_configs(ScaleGranularity::k1D2D);
+// Times the heuristic's pick (or, sweeping, every compiled config) on each (M, N, K) of `shapes`.
+int bench(const std::vector<std::array<int, 3>>& shapes, ScaleGranularity gran, bool out_fp32, bool sweep) {
+  const std::vector<Fp8GemmConfig> all = list_configs(gran);
   const size_t flush_bytes = 256u << 20;
   void* flush;
   CHECK_CUDA(cudaMalloc(&flush, flush_bytes));
-  std::printf("device: %d SMs\n", g_num_sms);
-  for (int m : ms) {
-    for (const auto& nk : nks) {
-      Case c{m, nk[0], nk[1], ScaleGranularity::k1D2D, false, false, {0, 0}};
-      Buffers buf(c, 7);
-      const Fp8GemmConfig pick = dskernels::fp8_gemm_pick_config(c.M, c.N, c.K, c.gran, g_num_sms);
-      std::vector<Fp8GemmConfig> configs;
-      if (sweep)
-        configs = all;
-      else
-        configs.push_back(pick);
-      for (const Fp8GemmConfig& cfg : configs) {
-        c.config = cfg;
-        const double us = time_us(c, buf, flush, flush_bytes, 20);
-        const double flops = 2.0 * c.M * c.N * double(c.K);
-        const double bytes = double(c.M) * c.K + double(c.N) * c.K + 2.0 * c.M * c.N;
-        const bool picked = cfg.block_m == pick.block_m && cfg.block_n == pick.block_n &&
-                            cfg.epilogue == pick.epilogue && cfg.cluster_m == pick.cluster_m;
-        // The launched grid (CTAs), so a cluster config's grid can be checked against the SM count.
-        int ctas = 0;
-        CHECK_CUDA(dskernels::fp8_gemm_detail::fp8_gemm_grid_ctas(c.M, c.N, c.gran, g_num_sms, cfg, &ctas));
-        std::printf("bench M=%5d N=%5d K=%5d tile=%3dx%-3d %s c%d%s %9.1f us %7.1f TFLOPS %6.0f GB/s grid=%d\n", c.M,
-                    c.N, c.K, cfg.block_m, cfg.block_n, epilogue_name(cfg.epilogue), cfg.cluster_m, picked ? "*" : " ",
-                    us, flops / us * 1e-6, bytes / us * 1e-3, ctas);
-      }
+  std::printf("device: %d SMs; b_scale %s, %s out\n", g_num_sms, gran == ScaleGranularity::k1D1D ? "1D1D" : "1D2D",
+              out_fp32 ? "fp32" : "bf16");
+  for (const auto& shape : shapes) {
+    Case c{shape[0], shape[1], shape[2], gran, out_fp32, false, {0, 0}};
+    Buffers buf(c, 7);
+    const Fp8GemmConfig pick = dskernels::fp8_gemm_pick_config(c.M, c.N, c.K, c.gran, g_num_sms);
+    std::vector<Fp8GemmConfig> configs;
+    if (sweep)
+      configs = all;
+    else
+      configs.push_back(pick);
+    for (const Fp8GemmConfig& cfg : configs) {
+      c.config = cfg;
+      const double us = time_us(c, buf, flush, flush_bytes, 20);
+      const double flops = 2.0 * c.M * c.N * double(c.K);
+      const double bytes = double(c.M) * c.K + double(c.N) * c.K + (out_fp32 ? 4.0 : 2.0) * c.M * c.N;
+      const bool picked = cfg.block_m == pick.block_m && cfg.block_n == pick.block_n &&
+                          cfg.epilogue == pick.epilogue && cfg.cluster_m == pick.cluster_m;
+      // The launched grid (CTAs), so a cluster config's grid can be checked against the SM count.
+      int ctas = 0;
+      CHECK_CUDA(dskernels::fp8_gemm_detail::fp8_gemm_grid_ctas(c.M, c.N, c.gran, g_num_sms, cfg, &ctas));
+      std::printf("bench M=%5d N=%5d K=%5d tile=%3dx%-3d %s c%d%s %9.1f us %7.1f TFLOPS %6.0f GB/s grid=%d\n", c.M,
+                  c.N, c.K, cfg.block_m, cfg.block_n, epilogue_name(cfg.epilogue), cfg.cluster_m, picked ? "*" : " ",
+                  us, flops / us * 1e-6, bytes / us * 1e-3, ctas);
     }
   }
   CHECK_CUDA(cudaFree(flush));
   return 0;
+}
+
+// The DeepSeek-V3 shapes (1D2D, bf16 out) at M = 64, 128 and 4096.
+std::vector<std::array<int, 3>> deepseek_shapes() {
+  std::vector<std::array<int, 3>> shapes;
+  for (int m : {64, 128, 4096})
+    for (const auto& nk : std::vector<std::array<int, 2>>{
+             {2112, 7168}, {576, 7168}, {24576, 1536}, {32768, 512}, {7168, 16384}, {4096, 7168}, {7168, 2048}})
+      shapes.push_back({m, nk[0], nk[1]});
+  return shapes;
+}
+
+// The weight-gradient GEMMs of FP8Linear (1D1D): dW [out, in] = dy^T x over T tokens, for the
+// benchmark's layers (in, out) and token counts.
+std::vector<std::array<int, 3>> wgrad_shapes() {
+  std::vector<std::array<int, 3>> shapes;
+  for (int t : {2048, 4096, 16384})
+    for (const auto& io : std::vector<std::array<int, 2>>{
+             {1024, 1024}, {2048, 2048}, {2048, 5632}, {7168, 7168}, {7168, 2048}, {2048, 7168}})
+      shapes.push_back({io[1], io[0], t});
+  return shapes;
 }
 
 // The correctness cases: heuristic configs over a grid of tails and sizes, then every compiled config
@@ -352,8 +371,12 @@ std::vector<Case> sanitize_cases() {
 int main(int argc, char** argv) {
   CHECK_CUDA(cudaDeviceGetAttribute(&g_num_sms, cudaDevAttrMultiProcessorCount, 0));
   const char* mode = argc > 1 ? argv[1] : "";
-  if (std::strcmp(mode, "bench") == 0) return bench(false);
-  if (std::strcmp(mode, "sweep") == 0) return bench(true);
+  if (std::strcmp(mode, "bench") == 0) return bench(deepseek_shapes(), ScaleGranularity::k1D2D, false, false);
+  if (std::strcmp(mode, "sweep") == 0) return bench(deepseek_shapes(), ScaleGranularity::k1D2D, false, true);
+  if (std::strcmp(mode, "sweep-wgrad") == 0) {  // bf16 dW, then fp32 (an fp32 weight's gradient)
+    bench(wgrad_shapes(), ScaleGranularity::k1D1D, false, true);
+    return bench(wgrad_shapes(), ScaleGranularity::k1D1D, true, true);
+  }
   const std::vector<Case> cases = std::strcmp(mode, "sanitize") == 0 ? sanitize_cases() : full_cases();
 
   int failures = 0;

@@ -64,108 +64,185 @@ __global__ void __launch_bounds__(kThreads) quant_groups_kernel(
   if (valid && lane == 0) s[r * s_r + g * s_g] = scale;
 }
 
-// One column of a staged fp32 tile (row stride kStride, column pointer `col`) quantized as a 128 x 1
-// group: lane l holds rows 4l .. 4l + 3 and stores them as one 4-byte word at dst + 4l (byte by byte where
-// fewer than 4 of the n columns left remain, or without `vec` alignment); lane 0 stores the scale.
-template <int kStride>
-__device__ __forceinline__ void quant_column(const float* col, int lane, uint8_t* dst, int n, bool vec,
-                                             float* scale_dst, bool pow2) {
-  float v[4], amax = 0.0f;
+// The tile kernels (quant_tile_kernel): the column-wise (128 x 1 along M) quantization of x [M, K] into
+// q_t [K, M_out], and with it, from the same read of x, the row-wise (1 x 128 along K) one into q [M,
+// K_out] (a Linear layer's input needs both, for the forward and the weight gradient, and so does its
+// output gradient), or the 128 x 128 block one (a weight W and its transpose W^T sharing the blocks'
+// scales, for the forward and the input gradient). q is written as quant_groups_kernel or
+// quant_blocks_kernel writes it and q_t as the column-wise (or block) reference does, byte for byte, each
+// optionally zero-padded along its contiguous dim (columns K .. K_out - 1 of q and M .. M_out - 1 of q_t
+// are zero; each pad is below 128, so no scale changes).
+//
+// A CTA owns a 128 (M) x 128 (K) tile. Phase 1: 16 lanes per row group of 128, 16 rows per pass, 8
+// passes, with every pass's 16-byte load issued before the first is used (kAhead: the kernel is bound
+// by how many bytes it keeps in flight, and phase 2 issues no loads); each row group is quantized from
+// registers (kBoth), and the raw input values are staged in shared memory in the input type (exact).
+// (kBlock: the CTA's amax, then the rows quantized from the staged tile.) Phase 2: each warp quantizes
+// whole columns; lane l reads rows l, l + 32, l + 64 and l + 96, which the staging's odd number of
+// 4-byte words per row puts in 32 different banks (2-byte types read two columns per word), and stores
+// their bytes (each store instruction covers 32 consecutive bytes).
+template <typename T>
+struct Raw8 {
+  alignas(16) T e[8];
+};
+
+template <typename T>
+__device__ __forceinline__ void load_raw8(const T* p, int n, bool vec, Raw8<T>& r) {
+  if (vec) {
+    if constexpr (sizeof(T) == 4) {
+      reinterpret_cast<float4*>(r.e)[0] = __ldg(reinterpret_cast<const float4*>(p));
+      reinterpret_cast<float4*>(r.e)[1] = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    } else {
+      *reinterpret_cast<uint4*>(r.e) = __ldg(reinterpret_cast<const uint4*>(p));
+    }
+  } else {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    v[i] = col[(lane * 4 + i) * kStride];
-    amax = fmaxf(amax, fabsf(v[i]));
+    for (int i = 0; i < 8; ++i) r.e[i] = i < n ? p[i] : static_cast<T>(0.0f);
   }
+}
+
+template <typename T>
+__host__ __device__ constexpr int stage_stride() {  // elements per staged row: an odd number of 4-byte words
+  return sizeof(T) == 2 ? kBlock + 2 : kBlock + 1;
+}
+
+template <typename T>
+__host__ __device__ constexpr int cols_smem_bytes() { return kBlock * stage_stride<T>() * int(sizeof(T)); }
+
+// One column held as rows lane + 32j (j < 4) of a 128-row group, quantized with `inv` (1 / its scale) into
+// dst[m] for row m of the group, m < n (each store instruction covers 32 consecutive bytes).
+__device__ __forceinline__ void store_column(const float (&v)[4], int lane, uint8_t* dst, int n, float inv) {
+  const uint32_t packed = to_e4m3x2(v[0] * inv, v[1] * inv) | (uint32_t(to_e4m3x2(v[2] * inv, v[3] * inv)) << 16);
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    if (lane + 32 * j < n) dst[lane + 32 * j] = uint8_t(packed >> (8 * j));
+}
+
+// The same column quantized as its own 128 x 1 group: its scale from its amax (stored by lane 0).
+__device__ __forceinline__ void quant_column(const float (&v)[4], int lane, uint8_t* dst, int n, float* scale_dst,
+                                             bool pow2) {
+  float amax = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) amax = fmaxf(amax, fabsf(v[j]));
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  const float scale = scale_from_amax(amax, pow2), inv = 1.0f / scale;
-  const uint32_t packed = to_e4m3x2(v[0] * inv, v[1] * inv) | (uint32_t(to_e4m3x2(v[2] * inv, v[3] * inv)) << 16);
-  const int m = lane * 4;
-  if (vec && m + 4 <= n) {
-    *reinterpret_cast<uint32_t*>(dst + m) = packed;
-  } else {
-    for (int i = 0; i < 4 && m + i < n; ++i) dst[m + i] = uint8_t(packed >> (8 * i));
-  }
+  const float scale = scale_from_amax(amax, pow2);
+  store_column(v, lane, dst, n, 1.0f / scale);
   if (lane == 0) *scale_dst = scale;
 }
 
-// x [M, K] -> q_t [K, M]. A CTA stages a 128 (M) x 64 (K) tile in shared memory (loads coalesced
-// along K), then each warp quantizes whole columns: 128 M-values per column, 4 per lane, stored as
-// one 4-byte word per lane (coalesced along M).
-constexpr int kTileK = 64;
+// What quant_tile_kernel writes besides q_t (see above): nothing (the transposed op), q with 1 x 128
+// group scales (both), or q with the tile's single 128 x 128 block scale, which q_t then shares (a weight
+// and its transpose, for a Linear layer's forward and input gradient).
+enum class TileMode { kColumns, kBoth, kBlock };
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads) quant_groups_transposed_kernel(
-    const T* __restrict__ x, int M, int K, int64_t ld_x, uint8_t* __restrict__ q_t, int64_t ld_q,
-    float* __restrict__ s, int64_t s_r, int64_t s_g, bool pow2, bool vec_in, bool vec_out) {
-  __shared__ float tile[kBlock][kTileK + 1];  // +1: column reads hit 32 different banks
-  const int m0 = blockIdx.y * kBlock, k0 = blockIdx.x * kTileK;
-  const int col8 = threadIdx.x % (kTileK / 8), row = threadIdx.x / (kTileK / 8);  // 8 x 32 threads
-  for (int rr = row; rr < kBlock; rr += kThreads / (kTileK / 8)) {
-    float v[8];
-    const int m = m0 + rr, k = k0 + col8 * 8;
-    const int n = m < M ? K - k : 0;
-    load8(x + int64_t(m < M ? m : 0) * ld_x + k, n, vec_in && n >= 8, v);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) tile[rr][col8 * 8 + i] = v[i];
-  }
-  __syncthreads();
-
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int kk = warp; kk < kTileK; kk += kThreads / 32) {
-    const int k = k0 + kk;
-    if (k >= K) break;
-    quant_column<kTileK + 1>(&tile[0][0] + kk, lane, q_t + int64_t(k) * ld_q + m0, M - m0, vec_out,
-                             s + int64_t(k) * s_r + blockIdx.y * s_g, pow2);
-  }
-}
-
-// Both quantizations of an activation from one read of x [M, K], for a layer's forward and its weight
-// gradient: q [M, K_out] as quant_groups_kernel writes it and q_t [K, M_out] as
-// quant_groups_transposed_kernel does, byte for byte, each optionally zero-padded along its contiguous
-// dim (columns K .. K_out - 1 of q and M .. M_out - 1 of q_t are zero; each pad is below 128, so no
-// group's amax changes). A CTA owns a 128 (M) x 128 (K) tile: 16 lanes quantize a row's group from
-// registers (16 rows a pass, 8 passes) and stage the values in shared memory; then each warp
-// quantizes whole columns from there, as the transposed kernel does.
-constexpr int kTileStride = kBlock + 1;  // +1: the column pass's reads spread over the banks
-constexpr int kBothSmem = kBlock * kTileStride * int(sizeof(float));
-
-template <typename T>
-__global__ void __launch_bounds__(kThreads) quant_groups_both_kernel(
+template <typename T, TileMode kMode>
+__global__ void __launch_bounds__(kThreads) quant_tile_kernel(
     const T* __restrict__ x, int M, int K, int64_t ld_x, uint8_t* __restrict__ q, int64_t ld_q, int K_out,
     float* __restrict__ s, int64_t s_r, int64_t s_g, uint8_t* __restrict__ q_t, int64_t ld_qt, int M_out,
-    float* __restrict__ st, int64_t st_r, int64_t st_g, bool pow2, bool vec_in, bool vec_q, bool vec_qt) {
-  extern __shared__ float tile[];  // [kBlock][kTileStride]
+    float* __restrict__ st, int64_t st_r, int64_t st_g, bool pow2, bool vec_in, bool vec_q) {
+  constexpr int S = stage_stride<T>();
+  constexpr int kPasses = kBlock / kGroupsPerCta;
+  constexpr int kAhead = sizeof(T) == 2 ? kPasses : kPasses / 2;  // 16-byte loads in flight per thread
+  extern __shared__ __align__(16) uint8_t tile_smem[];
+  T* tile = reinterpret_cast<T*>(tile_smem);  // [kBlock][S]
+  __shared__ float warp_amax[kThreads / 32];  // kBlock: the block's amax, per warp
   const int m0 = blockIdx.y * kBlock, k0 = blockIdx.x * kBlock;
   const int lane16 = threadIdx.x % kLanesPerGroup, row0 = threadIdx.x / kLanesPerGroup;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int cl = lane16 * 8, c = k0 + cl;
   const int n_in = K - c, n_out = K_out - c;  // elements of x / of q's row from c on (may be <= 0)
-#pragma unroll 4
-  for (int p = 0; p < kBlock / kGroupsPerCta; ++p) {
-    const int rr = row0 + p * kGroupsPerCta, m = m0 + rr;
-    const bool row = m < M;
-    float v[8];
-    load8(x + int64_t(row ? m : 0) * ld_x + c, row ? n_in : 0, vec_in && row && n_in >= 8, v);
-    float amax = 0.0f;
+  float block_amax = 0.0f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+  for (int p0 = 0; p0 < kPasses; p0 += kAhead) {
+    Raw8<T> raw[kAhead];
 #pragma unroll
-    for (int off = kLanesPerGroup / 2; off > 0; off /= 2)
-      amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-    const float scale = scale_from_amax(amax, pow2);
-    if (row && n_out > 0) store8_e4m3(q + int64_t(m) * ld_q + c, v, 1.0f / scale, n_out, vec_q && n_out >= 8);
-    if (row && lane16 == 0) s[int64_t(m) * s_r + blockIdx.x * s_g] = scale;
+    for (int i = 0; i < kAhead; ++i) {  // rows past M (and columns past K) load as zeros
+      const int m = m0 + row0 + (p0 + i) * kGroupsPerCta;
+      const bool row = m < M;
+      load_raw8(x + int64_t(row ? m : 0) * ld_x + c, row ? n_in : 0, vec_in && row && n_in >= 8, raw[i]);
+    }
 #pragma unroll
-    for (int i = 0; i < 8; ++i) tile[rr * kTileStride + cl + i] = v[i];  // zeros past M and K
+    for (int i = 0; i < kAhead; ++i) {
+      const int rr = row0 + (p0 + i) * kGroupsPerCta, m = m0 + rr;
+      float v[8], amax = 0.0f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        v[e] = to_float(raw[i].e[e]);
+        amax = fmaxf(amax, fabsf(v[e]));  // fmaxf skips NaN, as specified
+      }
+      if constexpr (kMode == TileMode::kBoth) {
+#pragma unroll
+        for (int off = kLanesPerGroup / 2; off > 0; off /= 2)
+          amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+        const float scale = scale_from_amax(amax, pow2);
+        if (m < M && n_out > 0) store8_e4m3(q + int64_t(m) * ld_q + c, v, 1.0f / scale, n_out, vec_q && n_out >= 8);
+        if (m < M && lane16 == 0) s[int64_t(m) * s_r + blockIdx.x * s_g] = scale;
+      }
+      block_amax = fmaxf(block_amax, amax);
+      // Row rr starts 4-byte aligned (S * sizeof(T) is a multiple of 4), not 16-byte aligned.
+      uint32_t* dst = reinterpret_cast<uint32_t*>(tile + rr * S + cl);
+#pragma unroll
+      for (int w = 0; w < int(8 * sizeof(T) / 4); ++w) dst[w] = reinterpret_cast<const uint32_t*>(raw[i].e)[w];
+    }
+  }
+  float block_inv = 0.0f;
+  if constexpr (kMode == TileMode::kBlock) {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) block_amax = fmaxf(block_amax, __shfl_xor_sync(0xffffffffu, block_amax, off));
+    if (lane == 0) warp_amax[warp] = block_amax;
   }
   __syncthreads();
+  if constexpr (kMode == TileMode::kBlock) {
+#pragma unroll
+    for (int i = 0; i < kThreads / 32; ++i) block_amax = fmaxf(block_amax, warp_amax[i]);
+    const float scale = scale_from_amax(block_amax, pow2);
+    block_inv = 1.0f / scale;
+    if (threadIdx.x == 0) {
+      s[blockIdx.y * s_r + blockIdx.x * s_g] = scale;
+      st[blockIdx.x * st_r + blockIdx.y * st_g] = scale;
+    }
+    // The rows, from the staged tile, with the block's scale.
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int rr = row0 + p * kGroupsPerCta, m = m0 + rr;
+      if (m >= M || n_out <= 0) continue;
+      Raw8<T> raw;
+#pragma unroll
+      for (int w = 0; w < int(8 * sizeof(T) / 4); ++w)
+        reinterpret_cast<uint32_t*>(raw.e)[w] = reinterpret_cast<const uint32_t*>(tile + rr * S + cl)[w];
+      float v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = to_float(raw.e[e]);
+      store8_e4m3(q + int64_t(m) * ld_q + c, v, block_inv, n_out, vec_q && n_out >= 8);
+    }
+  }
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int kk = warp; kk < kBlock; kk += kThreads / 32) {
+  constexpr int kCols = sizeof(T) == 2 ? 2 : 1;  // columns per 4-byte word
+  for (int kk = kCols * warp; kk < kBlock; kk += kCols * (kThreads / 32)) {
     const int k = k0 + kk;
     if (k >= K) break;
-    quant_column<kTileStride>(tile + kk, lane, q_t + int64_t(k) * ld_qt + m0, M_out - m0, vec_qt,
-                              st + int64_t(k) * st_r + blockIdx.y * st_g, pow2);
+    float v[kCols][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (kCols == 2) {  // one 4-byte word: columns kk and kk + 1 (kk even)
+        const uint32_t w = *reinterpret_cast<const uint32_t*>(tile + (lane + 32 * j) * S + kk);
+        const T* pair = reinterpret_cast<const T*>(&w);
+        v[0][j] = to_float(pair[0]);
+        v[1][j] = to_float(pair[1]);
+      } else {
+        v[0][j] = tile[(lane + 32 * j) * S + kk];
+      }
+    }
+#pragma unroll
+    for (int cc = 0; cc < kCols; ++cc) {
+      if (k + cc >= K) continue;
+      uint8_t* dst = q_t + int64_t(k + cc) * ld_qt + m0;
+      if constexpr (kMode == TileMode::kBlock)
+        store_column(v[cc], lane, dst, M_out - m0, block_inv);
+      else
+        quant_column(v[cc], lane, dst, M_out - m0, st + int64_t(k + cc) * st_r + blockIdx.y * st_g, pow2);
+    }
   }
 }
 
@@ -271,19 +348,45 @@ void quant_groups(const void* x, DType x_dtype, int rows, int cols, int64_t ld_x
   check_launch("quant_groups_kernel");
 }
 
+namespace {
+
+// quant_tile_kernel<T, kMode> over x [M, K]: grid (K / 128, M / 128) rounded up.
+template <TileMode kMode>
+void launch_tiles(const char* what, const void* x, DType x_dtype, int M, int K, int64_t ld_x, void* q, int64_t ld_q,
+                 int K_out, float* s, int64_t s_r, int64_t s_g, void* q_t, int64_t ld_qt, int M_out, float* st,
+                 int64_t st_r, int64_t st_g, bool pow2, cudaStream_t stream) {
+  if (cdiv(M, kBlock) > 65535) throw std::invalid_argument(std::string(what) + ": more than 65535 * 128 rows");
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), what);
+  const dim3 grid(cdiv(K, kBlock), cdiv(M, kBlock));
+  const bool vec_q = reinterpret_cast<uintptr_t>(q) % 8 == 0 && ld_q % 8 == 0;
+  dispatch_input(x_dtype, [&](auto tag) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    constexpr int smem = cols_smem_bytes<T>();
+    auto kernel = quant_tile_kernel<T, kMode>;
+    if constexpr (smem > 48 * 1024) {  // above the default limit: opted into once per device
+      static std::atomic<uint64_t> opted{0};
+      const uint64_t bit = uint64_t(1) << (device % 64);
+      if (!(opted.load() & bit)) {
+        check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), what);
+        opted |= bit;
+      }
+    }
+    kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), M, K, ld_x, static_cast<uint8_t*>(q), ld_q,
+                                             K_out, s, s_r, s_g, static_cast<uint8_t*>(q_t), ld_qt, M_out, st, st_r,
+                                             st_g, pow2, aligned16<T>(x, ld_x), vec_q);
+  });
+  check_launch(what);
+}
+
+}  // namespace
+
 void quant_groups_transposed(const void* x, DType x_dtype, int M, int K, int64_t ld_x, void* q_t,
                              int64_t ld_q, float* s, int64_t s_r, int64_t s_g, bool pow2,
                              cudaStream_t stream) {
   require_sm90("quant_groups_transposed");
-  const dim3 grid(cdiv(K, kTileK), cdiv(M, kBlock));
-  const bool vec_out = reinterpret_cast<uintptr_t>(q_t) % 4 == 0 && ld_q % 4 == 0;
-  dispatch_input(x_dtype, [&](auto tag) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    quant_groups_transposed_kernel<T><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(x), M, K, ld_x, static_cast<uint8_t*>(q_t), ld_q, s, s_r, s_g, pow2,
-        aligned16<T>(x, ld_x), vec_out);
-  });
-  check_launch("quant_groups_transposed_kernel");
+  launch_tiles<TileMode::kColumns>("quant_groups_transposed", x, x_dtype, M, K, ld_x, nullptr, 0, K, nullptr, 0, 0,
+                                   q_t, ld_q, M, s, s_r, s_g, pow2, stream);
 }
 
 void quant_groups_both(const void* x, DType x_dtype, int M, int K, int64_t ld_x, void* q, int64_t ld_q,
@@ -294,27 +397,18 @@ void quant_groups_both(const void* x, DType x_dtype, int M, int K, int64_t ld_x,
       M_out > cdiv(M, kBlock) * kBlock || ld_q < K_out || ld_qt < M_out)
     throw std::invalid_argument("quant_groups_both: K <= K_out <= K rounded up to 128, M <= M_out <= M rounded "
                                 "up to 128, ld_q >= K_out and ld_qt >= M_out");
-  if (cdiv(M, kBlock) > 65535) throw std::invalid_argument("quant_groups_both: more than 65535 * 128 rows");
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "quant_groups_both");
-  const dim3 grid(cdiv(K, kBlock), cdiv(M, kBlock));
-  const bool vec_q = reinterpret_cast<uintptr_t>(q) % 8 == 0 && ld_q % 8 == 0;
-  const bool vec_qt = reinterpret_cast<uintptr_t>(q_t) % 4 == 0 && ld_qt % 4 == 0;
-  dispatch_input(x_dtype, [&](auto tag) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    // 66 KB of shared memory: above the default 48 KB, so opted into once per device and element type.
-    static std::atomic<uint64_t> opted{0};
-    const uint64_t bit = uint64_t(1) << (device % 64);
-    if (!(opted.load() & bit)) {
-      check_cuda(cudaFuncSetAttribute(quant_groups_both_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      kBothSmem), "quant_groups_both");
-      opted |= bit;
-    }
-    quant_groups_both_kernel<T><<<grid, kThreads, kBothSmem, stream>>>(
-        static_cast<const T*>(x), M, K, ld_x, static_cast<uint8_t*>(q), ld_q, K_out, s, s_r, s_g,
-        static_cast<uint8_t*>(q_t), ld_qt, M_out, st, st_r, st_g, pow2, aligned16<T>(x, ld_x), vec_q, vec_qt);
-  });
-  check_launch("quant_groups_both_kernel");
+  launch_tiles<TileMode::kBoth>("quant_groups_both", x, x_dtype, M, K, ld_x, q, ld_q, K_out, s, s_r, s_g, q_t, ld_qt,
+                                M_out, st, st_r, st_g, pow2, stream);
+}
+
+void quant_blocks_both(const void* w, DType w_dtype, int N, int K, int64_t ld_w, void* q, int64_t ld_q, float* s,
+                       int64_t s_r, int64_t s_g, void* q_t, int64_t ld_qt, int N_out, float* st, int64_t st_r,
+                       int64_t st_g, bool pow2, cudaStream_t stream) {
+  require_sm90("quant_blocks_both");
+  if (N < 1 || K < 1 || N_out < N || N_out > cdiv(N, kBlock) * kBlock || ld_q < K || ld_qt < N_out)
+    throw std::invalid_argument("quant_blocks_both: N <= N_out <= N rounded up to 128, ld_q >= K and ld_qt >= N_out");
+  launch_tiles<TileMode::kBlock>("quant_blocks_both", w, w_dtype, N, K, ld_w, q, ld_q, K, s, s_r, s_g, q_t, ld_qt,
+                                 N_out, st, st_r, st_g, pow2, stream);
 }
 
 void quant_blocks(const void* w, DType w_dtype, int N, int K, int64_t ld_w, void* q, int64_t ld_q,

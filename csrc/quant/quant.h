@@ -26,6 +26,13 @@ void quant_groups_both(const void* x, DType x_dtype, int M, int K, int64_t ld_x,
 void quant_blocks(const void* w, DType w_dtype, int N, int K, int64_t ld_w, void* q, int64_t ld_q,
                   float* s, int64_t s_r, int64_t s_g, bool pow2, cudaStream_t stream);
 
+// Both of the above for a weight and its transpose from one read of w [N, K]: q [N, K] as quant_blocks
+// writes it, q_t [K, N_out] = q^T (the same blocks and scales) with zero columns N .. N_out - 1 (N_out: up
+// to N rounded up to 128), and the scales transposed: scale(kb, nb) at st[kb*st_r + nb*st_g].
+void quant_blocks_both(const void* w, DType w_dtype, int N, int K, int64_t ld_w, void* q, int64_t ld_q, float* s,
+                       int64_t s_r, int64_t s_g, void* q_t, int64_t ld_qt, int N_out, float* st, int64_t st_r,
+                       int64_t st_g, bool pow2, cudaStream_t stream);
+
 // q [rows, cols] e4m3 -> out = q * scale(r / block_rows, c / 128) in out_dtype (fp32 or bf16).
 void dequant(const void* q, int rows, int cols, int64_t ld_q, const float* s, int64_t s_r,
              int64_t s_g, int block_rows, void* out, DType out_dtype, int64_t ld_out,

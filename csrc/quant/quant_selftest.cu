@@ -215,6 +215,43 @@ void check_both(int M, int K, DType dtype, bool pow2, bool pad, std::mt19937& rn
   report(why == nullptr, pad ? "both (padded)" : "both", M, K, dtype, pow2, true, why);
 }
 
+// quant_blocks_both: w [N, K] per 128 x 128 block and its transpose from one read: q must be what
+// quant_blocks writes, q_t [K, N_out] its transpose then zero columns (pad), the scales [N/128, K/128]
+// row-major and their transpose [K/128, N/128] row-major.
+void check_blocks_both(int N, int K, DType dtype, bool pow2, bool pad, std::mt19937& rng) {
+  const Input in = make_input(N, K, dtype, rng);
+  const int N_out = pad ? (N + 127) / 128 * 128 : N;
+  const int kb = (K + 127) / 128, nb = (N + 127) / 128;
+  Buf x(in.raw.size()), q(size_t(N) * K), sc(size_t(nb) * kb * 4), qt(size_t(K) * N_out), st(size_t(kb) * nb * 4);
+  CHECK_CUDA(cudaMemcpy(x.p, in.raw.data(), in.raw.size(), cudaMemcpyHostToDevice));
+  dskernels::quant_blocks_both(x.p, dtype, N, K, K, q.p, K, reinterpret_cast<float*>(sc.p), kb, 1, qt.p, N_out, N_out,
+                               reinterpret_cast<float*>(st.p), nb, 1, pow2, nullptr);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<uint8_t> want_q;
+  std::vector<float> want_s;
+  host_quant(N, K, 128, pow2, [&](int r, int c) { return in.values[size_t(r) * K + c]; }, want_q, want_s);
+  std::vector<uint8_t> want_qt(size_t(K) * N_out, 0);
+  for (int r = 0; r < N; ++r)
+    for (int c = 0; c < K; ++c) want_qt[size_t(c) * N_out + r] = want_q[size_t(r) * K + c];
+  bool guards[4];
+  const std::vector<uint8_t> got_q = q.host(&guards[0]), got_s = sc.host(&guards[1]), got_qt = qt.host(&guards[2]),
+                             got_st = st.host(&guards[3]);
+  bool same_st = true;  // scale(nb, kb) at st[kb * nb_count + nb]
+  for (int i = 0; i < nb; ++i)
+    for (int j = 0; j < kb; ++j) {
+      float got;
+      std::memcpy(&got, &got_st[4 * (size_t(j) * nb + i)], 4);
+      same_st = same_st && std::memcmp(&got, &want_s[size_t(i) * kb + j], 4) == 0;
+    }
+  const char* why = !(guards[0] && guards[1] && guards[2] && guards[3]) ? "wrote past the end"
+                    : got_q != want_q                                   ? "block bytes differ"
+                    : got_qt != want_qt                                 ? "transposed bytes differ"
+                    : !same_scales(got_s, want_s, nb, kb, kb, 1)        ? "block scales differ"
+                    : !same_st                                          ? "transposed scales differ"
+                                                                        : nullptr;
+  report(why == nullptr, pad ? "blocks both (padded)" : "blocks both", N, K, dtype, pow2, false, why);
+}
+
 // dequant of the host's quantization, to fp32 and bf16, for 1 x 128 and 128 x 128 tiles.
 void check_dequant(int R, int C, int block_rows, DType out_dtype, std::mt19937& rng) {
   const Input in = make_input(R, C, DType::kFloat32, rng);
@@ -260,7 +297,10 @@ int main() {  // `quant_selftest sanitize` (ci/gpu.sh) runs these same cases: th
   for (const auto& sh : shapes)
     for (DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16})
       for (bool pow2 : {false, true})
-        for (bool pad : {false, true}) check_both(sh[0], sh[1], dtype, pow2, pad, rng);
+        for (bool pad : {false, true}) {
+          check_both(sh[0], sh[1], dtype, pow2, pad, rng);
+          check_blocks_both(sh[0], sh[1], dtype, pow2, pad, rng);
+        }
   for (const auto& sh : shapes)
     for (int block_rows : {1, 128})
       for (DType out_dtype : {DType::kFloat32, DType::kBFloat16}) check_dequant(sh[0], sh[1], block_rows, out_dtype, rng);
