@@ -269,10 +269,11 @@ def test_mismatched_devices_and_misaligned_operands_raise():
 
 @gpu_only
 @pytest.mark.parametrize("per_row_b", [False, True], ids=["1d2d", "1d1d"])
-def test_the_cached_cuda_plan_launches_as_the_checked_path(per_row_b):
-    """A repeated eager call launches the CUDA kernel straight from the cached plan: it must compute what
-    the checked path computes (bit for bit: the same kernel and config), into out= too, and still refuse
-    a misaligned operand of the same signature."""
+def test_the_cached_cuda_plan_launches_as_the_checked_path(per_row_b, monkeypatch):
+    """A repeated eager call launches the CUDA kernel straight from the cached plan (never reaching the
+    checked path's implementations, which are made to refuse): it must compute what the checked path
+    computes (bit for bit: the same kernel and config), into out= too, and still refuse a misaligned
+    operand of the same signature."""
     if "cuda" not in available(BACKENDS):
         pytest.skip("the CUDA backend is not available")
     from dskernels import gemm as gemm_module
@@ -281,22 +282,26 @@ def test_the_cached_cuda_plan_launches_as_the_checked_path(per_row_b):
         a, sa, b, sb = quantized_operands(192, 384, 512, seed=seed, per_row_b=per_row_b)[0]
         return a, sa.t().contiguous().t(), b, sb.t().contiguous().t() if per_row_b else sb
 
+    def refuse(*args, **kwargs):
+        raise AssertionError("a call with a cached CUDA plan took the checked path")
+
     a, sa, b, sb = operands(3)
     first = dskernels.fp8_gemm(a, sa, b, sb, backend="cuda")  # checked; stores the plan
-    plans = [p for p in gemm_module._PLANS.values() if p[0] == "cuda" and p[1] is per_row_b]
-    assert plans, "the CUDA plan was not cached with the operands' granularity"
     a2, sa2, b2, sb2 = operands(4)
-    fast = dskernels.fp8_gemm(a2, sa2, b2, sb2, backend="cuda")
     checked = gemm_module._fp8_gemm_op(a2, sa2, b2, sb2, torch.bfloat16, "cuda")  # the custom op: no plan
-    assert torch.equal(fast.view(torch.int16), checked.view(torch.int16))
-    assert not torch.equal(fast, first)
     acc = torch.randn(192, 384, device=DEVICE)
-    want = acc + checked.float()  # (bf16 rounding aside) what accumulating adds
-    for _ in range(2):  # checked, then from the plan
+    want = acc.clone()
+    dskernels.fp8_gemm(a2, sa2, b2, sb2, out=want, accumulate=True, backend="cuda")  # checked; stores its plan
+    with monkeypatch.context() as m:
+        for name in ("_checked", "_gemm", "_gemm_out", "_fp8_gemm_op", "_fp8_gemm_out_op"):
+            m.setattr(gemm_module, name, refuse)
+        fast = dskernels.fp8_gemm(a2, sa2, b2, sb2, backend="cuda")
         got = acc.clone()
         dskernels.fp8_gemm(a2, sa2, b2, sb2, out=got, accumulate=True, backend="cuda")
-        assert (got - want).abs().max() <= 0.01 * want.abs().max()
-    shifted = torch.empty(a.numel() + 8, dtype=torch.uint8, device=DEVICE)[8:].view(torch.float8_e4m3fn)
-    shifted = shifted.view(a.shape).copy_(a)
-    with pytest.raises(ValueError, match="a must start at a 16-byte aligned address"):
-        dskernels.fp8_gemm(shifted, sa, b, sb, backend="cuda")
+        shifted = torch.empty(a.numel() + 8, dtype=torch.uint8, device=DEVICE)[8:].view(torch.float8_e4m3fn)
+        shifted = shifted.view(a.shape).copy_(a)
+        with pytest.raises(ValueError, match="a must start at a 16-byte aligned address"):
+            dskernels.fp8_gemm(shifted, sa, b, sb, backend="cuda")
+    assert torch.equal(fast.view(torch.int16), checked.view(torch.int16))
+    assert not torch.equal(fast, first)
+    assert torch.equal(got, want)

@@ -647,7 +647,10 @@ template <int BM, int BN, bool kScaleBPerRow, bool kOverlap = false, int kCluste
 cudaError_t launch(const Problem& q) {
   using T = Tile<BM, BN, kScaleBPerRow, kOverlap>;
   using namespace hopper;
-  static_assert(128 * (producer_regs(kScaleBPerRow) + T::kMathWarpgroups * math_regs(kScaleBPerRow)) <= 65536,
+  // setmaxnreg redistributes the CTA's registers: the launch gives each thread the entry count, at most
+  // 65536 / threads rounded down to a multiple of 8 (168 for 384 threads); asking for more hangs.
+  static_assert(128 * (producer_regs(kScaleBPerRow) + T::kMathWarpgroups * math_regs(kScaleBPerRow)) <=
+                    T::kThreads * (65536 / T::kThreads / 8 * 8),
                 "register file after setmaxnreg");
   static_assert(T::kTxBytes < (1u << 20), "mbarrier transaction count range");
   const int num_k_blocks = q.K / kBlockK;
@@ -778,8 +781,9 @@ const ConfigEntry* find_config(Fp8GemmConfig c, ScaleGranularity gran) {
 // time its epilogue takes when the tensor cores wait for it); kOverlap alone gains up to 1.06x. The 2-CTA
 // multicast variants measured 3-4x slower than cluster_m = 1: a cluster-scope fence per K block in their
 // consumer release, removed since (NOTES.md); no rule uses them until a GPU sweep times the fixed kernels.
-// 1D1D (the weight gradient) takes the same TMA-store rule, by analogy with 1D2D, until a GPU sweep of its
-// own (`fp8_gemm_selftest sweep-wgrad`) says otherwise.
+// 1D1D (the weight gradient) takes the same TMA-store rule: measured on an H200 (`fp8_gemm_selftest
+// sweep-wgrad`, 2026-12-01, NOTES.md), it is the best or within 4 % of it on every weight-gradient shape of
+// the FP8Linear benchmark where the cost model picks 128 x 128.
 // (kTmaStore falls back to kOverlap's register stores by itself for fp32 / odd N / unaligned out.)
 // ------------------------------------------------------------------------------------------------
 struct VariantRule {

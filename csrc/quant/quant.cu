@@ -74,8 +74,9 @@ __global__ void __launch_bounds__(kThreads) quant_groups_kernel(
 // are zero; each pad is below 128, so no scale changes).
 //
 // A CTA owns a 128 (M) x 128 (K) tile. Phase 1: 16 lanes per row group of 128, 16 rows per pass, 8
-// passes, with every pass's 16-byte load issued before the first is used (kAhead: the kernel is bound
-// by how many bytes it keeps in flight, and phase 2 issues no loads); each row group is quantized from
+// passes, with every pass's 16-byte loads issued before the first is used (kAhead; fp32, twice the
+// registers per pass, in two halves of 4 passes: the kernel needs many bytes in flight, and phase 2
+// issues no loads); each row group is quantized from
 // registers (kBoth), and the raw input values are staged in shared memory in the input type (exact).
 // (kBlock: the CTA's amax, then the rows quantized from the staged tile.) Phase 2: each warp quantizes
 // whole columns; lane l reads rows l, l + 32, l + 64 and l + 96, which the staging's odd number of
