@@ -10,14 +10,14 @@ from dskernels import backend
 
 FP8_OPS = ["per_token_group_quant", "per_token_group_quant_transposed", "per_token_group_quant_both", "per_block_quant", "dequant", "fp8_gemm"]
 # (capability, what "auto" picks for: the FP8 ops, mla_decode, the FP8-cache decode, get_mla_metadata,
-# append_to_cache, the FP8-cache append)
+# append_to_cache, the FP8-cache append, the FP8 and the BF16 grouped GEMMs)
 GENERATIONS = [
-    ((8, 0), "reference", "triton", "reference", "reference", "triton", "reference"),   # A100
-    ((8, 6), "reference", "triton", "reference", "reference", "triton", "reference"),   # RTX 30xx
-    ((8, 9), "triton", "triton", "triton", "reference", "triton", "triton"),            # L4, RTX 40xx
-    ((9, 0), "cuda", "cuda", "triton", "cuda", "triton", "triton"),                      # H100, H200
-    ((10, 0), "triton", "triton", "triton", "reference", "triton", "triton"),           # B200
-    ((12, 0), "triton", "triton", "triton", "reference", "triton", "triton"),           # RTX 50xx
+    ((8, 0), "reference", "triton", "reference", "reference", "triton", "reference", "reference", "triton"),  # A100
+    ((8, 6), "reference", "triton", "reference", "reference", "triton", "reference", "reference", "triton"),  # RTX 30xx
+    ((8, 9), "triton", "triton", "triton", "reference", "triton", "triton", "triton", "triton"),  # L4, RTX 40xx
+    ((9, 0), "cuda", "cuda", "triton", "cuda", "triton", "triton", "triton", "triton"),  # H100, H200
+    ((10, 0), "triton", "triton", "triton", "reference", "triton", "triton", "triton", "triton"),  # B200
+    ((12, 0), "triton", "triton", "triton", "reference", "triton", "triton", "triton", "triton"),  # RTX 50xx
 ]
 
 
@@ -35,11 +35,12 @@ def fake_gpu(monkeypatch):
 
 @pytest.mark.parametrize("gen", GENERATIONS, ids=lambda g: f"sm_{g[0][0]}{g[0][1]}")
 def test_auto_picks_what_runs_on_each_generation(fake_gpu, gen):
-    cap, fp8, mla, mla_fp8, metadata, append, append_fp8 = gen
+    cap, fp8, mla, mla_fp8, metadata, append, append_fp8, grouped_fp8, grouped_bf16 = gen
     device = fake_gpu(cap)
     picks = {op: backend.resolve(op, "auto", device) for op in backend.SUPPORT}
     want = {**{op: fp8 for op in FP8_OPS}, "mla_decode": mla, "mla_decode_fp8_cache": mla_fp8,
-            "get_mla_metadata": metadata, "append_to_cache": append, "append_to_cache_fp8_cache": append_fp8}
+            "get_mla_metadata": metadata, "append_to_cache": append, "append_to_cache_fp8_cache": append_fp8,
+            "m_grouped_fp8_gemm": grouped_fp8, "m_grouped_bf16_gemm": grouped_bf16}
     assert picks == want
 
 

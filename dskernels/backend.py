@@ -55,6 +55,8 @@ SUPPORT = {  # op -> {backend: capability range}; a backend not listed has no im
     "per_block_quant": {"cuda": SM90, "triton": FP8},
     "dequant": {"cuda": SM90, "triton": FP8},
     "fp8_gemm": {"cuda": SM90, "triton": FP8},
+    "m_grouped_fp8_gemm": {"triton": FP8},
+    "m_grouped_bf16_gemm": {"triton": BF16},
     "mla_decode": {"cuda": SM90, "triton": BF16},
     "mla_decode_fp8_cache": {"triton": FP8},
     "get_mla_metadata": {"cuda": SM90},

@@ -84,3 +84,15 @@ def dot_bf16(a, b, EMULATE: tl.constexpr):
     if EMULATE:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def swizzled_tile(pid, grid_m, grid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program pid over a grid_m x grid_n tile grid in grouped order: GROUP_M row-blocks
+    share each column-block while it sits in L2."""
+    group = pid // (GROUP_M * grid_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % group_size
+    pid_n = (pid % (GROUP_M * grid_n)) // group_size
+    return pid_m, pid_n

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dskernels.triton.common import EMULATE_CASTS, to_bf16
+from dskernels.triton.common import EMULATE_CASTS, swizzled_tile, to_bf16
 
 
 def _configs():
@@ -44,14 +44,8 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, M, N, K, stride_sa_m
                      stride_sb_n, stride_sb_k, B_PER_ROW: tl.constexpr, ACCUMULATE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
                      EMULATE: tl.constexpr):
-    # Grouped ordering: GROUP_M row-blocks share each column-block while it sits in L2.
     pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * grid_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % group_size
-    pid_n = (pid % (GROUP_M * grid_n)) // group_size
+    pid_m, pid_n = swizzled_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

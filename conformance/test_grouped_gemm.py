@@ -1,0 +1,261 @@
+"""Grouped GEMMs (contiguous and masked, FP8 and BF16) against a float64 loop over experts: random, skewed
+and empty routings, one row, one expert, a ragged last segment, masked_m of 0 and of M_max; the rows a
+layout leaves unwritten keep whatever the output held (poisoned here), and rows that break the layout
+come back NaN."""
+import pytest
+import torch
+
+import dskernels
+from dskernels import grouped_gemm as gg
+from conformance.conftest import DEVICE, ON_GPU, POISONS, as_bytes, backends_for, gpu_only, random_input
+from conformance.tolerances import GEMM_OUT_U, assert_finite, gemm_tier1_errors
+from dskernels.backend import TRITON_INTERPRET
+from dskernels.reference import gemm as ref
+from dskernels.reference import quant as rq
+
+FP8_BACKENDS = backends_for("m_grouped_fp8_gemm")
+BF16_BACKENDS = backends_for("m_grouped_bf16_gemm")
+ALIGN = dskernels.get_mk_alignment_for_contiguous_layout()
+N, K = (576, 1024) if ON_GPU else (96, 256)  # N not a multiple of 128: a partial b_scale block
+
+# Expert row counts of each routing: random, half the rows on one expert, an expert with none, one row in
+# all, a single expert; "ragged" leaves the last segment unpadded (M_total a multiple of nothing).
+ROUTINGS = {"random": [70, 130, 5, 200], "skewed": [300, 20, 10, 0], "empty": [0, 64, 0, 129],
+            "one_row": [0, 1, 0], "one_expert": [257], "ragged": [40, 3, 77]}
+if ON_GPU:
+    ROUTINGS["large"] = [1500, 700, 0, 2100, 64, 900, 1, 1000]
+
+
+def accumulation(backend):
+    return "ieee" if backend == "reference" or (backend == "triton" and TRITON_INTERPRET and not ON_GPU) \
+        else "tensor_core"
+
+
+def contiguous_layout(counts, pad_last=True):
+    """m_indices: each expert's rows, padded with -1 to the alignment (the last segment only if pad_last)."""
+    ids = []
+    for e, n in enumerate(counts):
+        ids += [e] * n
+        if pad_last or e < len(counts) - 1:
+            ids += [-1] * ((-n) % ALIGN)
+    return torch.tensor(ids, dtype=torch.int32, device=DEVICE)
+
+
+def fp8_experts(G, seed):
+    w = random_input((G, N, K), torch.bfloat16, seed=seed, device="cpu", outliers=False)
+    qs = [rq.per_block_quant(w[g]) for g in range(G)]
+    return torch.stack([q for q, _ in qs]).to(DEVICE), torch.stack([s for _, s in qs]).to(DEVICE)
+
+
+def fp8_rows(shape, seed):
+    x = random_input(shape, torch.bfloat16, seed=seed, device="cpu")
+    q, s = rq.per_token_group_quant(x.reshape(-1, K))
+    return q.view(shape).to(DEVICE), s.view(*shape[:-1], K // 128).to(DEVICE)
+
+
+def exact(kind, a, sa, b, sb):
+    """The product in float64 and the same over |a|, |b| (one expert)."""
+    if kind == "fp8":
+        got = ref.fp8_gemm(a, sa, b, sb, torch.float64, accumulate_dtype=torch.float64)
+        mag = ref.fp8_gemm(a.float().abs().to(a.dtype), sa, b.float().abs().to(b.dtype), sb, torch.float64,
+                           accumulate_dtype=torch.float64)
+        return got, mag
+    return a.double() @ b.double().t(), a.double().abs() @ b.double().abs().t()
+
+
+def check_rows(kind, got, want, magnitude, backend):
+    assert_finite("out", got)
+    if kind == "fp8":
+        elem, whole, row = gemm_tier1_errors(got, want, magnitude, torch.bfloat16, accumulation(backend))
+        assert max(elem, whole, row) <= 1, f"tier 1: per element {elem:.3g}, whole {whole:.3g}, row {row:.3g}"
+    else:  # bf16 products are exact in fp32; fp32 sums, one bf16 rounding
+        err = (got.double() - want).abs()
+        assert (err <= 2 * GEMM_OUT_U[torch.bfloat16] * want.abs() + 2.0 ** -16 * magnitude).all()
+
+
+def under_each_poison(fn, written):
+    """fn() under each poison byte: the written rows identical bit for bit, the others holding the poison."""
+    results = []
+    for byte in POISONS:
+        with dskernels.poison_outputs(byte):
+            out = fn()
+        untouched = as_bytes(out[~written])
+        assert bool((untouched == byte).all()), f"rows the layout leaves unwritten were written (poison {byte:#x})"
+        results.append(out)
+    assert torch.equal(as_bytes(results[0][written]), as_bytes(results[1][written]))
+    return results[0]
+
+
+@pytest.mark.parametrize("kind", ["fp8", "bf16"])
+@pytest.mark.parametrize("routing", list(ROUTINGS))
+@pytest.mark.parametrize("backend", FP8_BACKENDS)
+def test_contiguous_matches_the_loop_over_experts(backend, routing, kind):
+    if kind == "bf16" and backend not in [p.values[0] for p in BF16_BACKENDS]:
+        pytest.skip("no bf16 form here")
+    counts = ROUTINGS[routing]
+    G = len(counts)
+    m_indices = contiguous_layout(counts, pad_last=routing != "ragged")
+    M = m_indices.shape[0]
+    if kind == "fp8":
+        (a, sa), (b, sb) = fp8_rows((M, K), seed=M + 1), fp8_experts(G, seed=G)
+        run = lambda: dskernels.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, m_indices, backend=backend)  # noqa
+    else:
+        a = random_input((M, K), torch.bfloat16, seed=M + 1)
+        b = random_input((G, N, K), torch.bfloat16, seed=G, outliers=False)
+        sa = sb = None
+        run = lambda: dskernels.m_grouped_bf16_gemm_nt_contiguous(a, b, m_indices, backend=backend)  # noqa
+    out = under_each_poison(run, m_indices != -1)
+    assert out.shape == (M, N) and out.dtype == torch.bfloat16
+    for e in range(G):
+        rows = (m_indices == e).nonzero().flatten()
+        if rows.numel():
+            want, mag = exact(kind, a[rows], None if sa is None else sa[rows], b[e], None if sb is None else sb[e])
+            check_rows(kind, out[rows], want, mag, backend)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "bf16"])
+@pytest.mark.parametrize("backend", FP8_BACKENDS)
+def test_masked_matches_the_loop_over_experts(backend, kind):
+    if kind == "bf16" and backend not in [p.values[0] for p in BF16_BACKENDS]:
+        pytest.skip("no bf16 form here")
+    M_max = 200 if ON_GPU else 100
+    masked = [0, M_max, 37, 1, 64]  # none, all, a tail, one row, a multiple of the block
+    G = len(masked)
+    masked_m = torch.tensor(masked, dtype=torch.int32, device=DEVICE)
+    if kind == "fp8":
+        (a, sa), (b, sb) = fp8_rows((G, M_max, K), seed=5), fp8_experts(G, seed=6)
+        run = lambda: dskernels.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, 40, backend=backend)  # noqa
+    else:
+        a = random_input((G, M_max, K), torch.bfloat16, seed=5)
+        b = random_input((G, N, K), torch.bfloat16, seed=6, outliers=False)
+        sa = sb = None
+        run = lambda: dskernels.m_grouped_bf16_gemm_nt_masked(a, b, masked_m, 40, backend=backend)  # noqa
+    written = torch.arange(M_max, device=DEVICE)[None, :] < masked_m[:, None]
+    out = under_each_poison(run, written)
+    assert out.shape == (G, M_max, N)
+    for g, n in enumerate(masked):
+        if n:
+            want, mag = exact(kind, a[g, :n], None if sa is None else sa[g, :n], b[g], None if sb is None else sb[g])
+            check_rows(kind, out[g, :n], want, mag, backend)
+
+
+@pytest.mark.parametrize("backend", FP8_BACKENDS)
+def test_mn_major_scales_and_a_given_out(backend):
+    """a_scale in the layout per_token_group_quant(scale_layout="col") returns; out= written in place, its
+    padding rows left as they were."""
+    m_indices = contiguous_layout([50, 0, 90])
+    M = m_indices.shape[0]
+    (a, sa), (b, sb) = fp8_rows((M, K), seed=9), fp8_experts(3, seed=10)
+    want = dskernels.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, m_indices, backend=backend)
+    out = torch.full((M, N), 7.0, dtype=torch.bfloat16, device=DEVICE)
+    got = dskernels.m_grouped_fp8_gemm_nt_contiguous(a, sa.t().contiguous().t(), b, sb, m_indices, out=out,
+                                                     backend=backend)
+    assert got is out
+    pad = m_indices == -1
+    assert torch.equal(out[~pad], want[~pad]) and bool((out[pad] == 7.0).all())
+
+
+@pytest.mark.parametrize("backend", FP8_BACKENDS)
+def test_rows_that_break_the_layout_come_back_nan(backend):
+    """An expert id >= G, one below -1, and a segment that starts off the alignment: those rows NaN, every
+    other row right."""
+    G = 3
+    m_indices = contiguous_layout([60, 100, 30])
+    bad_id = m_indices.clone()
+    bad_id[5], bad_id[ALIGN + 7] = G, -3  # inside expert 0's and expert 1's segments
+    shifted = m_indices.clone()
+    shifted[ALIGN:ALIGN + 4] = 0  # expert 0's rows spill into expert 1's aligned segment
+    M = m_indices.shape[0]
+    (a, sa), (b, sb) = fp8_rows((M, K), seed=11), fp8_experts(G, seed=12)
+    good = dskernels.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, m_indices, backend=backend)
+    for layout, nan_rows in [(bad_id, [5, ALIGN + 7]), (shifted, list(range(ALIGN, ALIGN + 4)))]:
+        out = dskernels.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, layout, backend=backend)
+        nan = torch.zeros(M, dtype=torch.bool, device=DEVICE)
+        nan[nan_rows] = True
+        assert bool(torch.isnan(out[nan].float()).all())
+        rest = ~nan & (layout != -1)
+        assert torch.equal(out[rest], good[rest])
+
+
+@gpu_only
+def test_masked_call_replays_from_a_cuda_graph():
+    """masked_m is read on the device: a captured call replays right after masked_m changes in place."""
+    backend = "auto"
+    G, M_max = 4, 128
+    (a, sa), (b, sb) = fp8_rows((G, M_max, K), seed=13), fp8_experts(G, seed=14)
+    masked_m = torch.tensor([5, 0, 128, 77], dtype=torch.int32, device=DEVICE)
+    out = torch.zeros(G, M_max, N, dtype=torch.bfloat16, device=DEVICE)
+    dskernels.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, 64, out=out, backend=backend)  # warm up
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dskernels.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, 64, out=out, backend=backend)
+    masked_m.copy_(torch.tensor([128, 3, 0, 60], dtype=torch.int32))
+    out.zero_()
+    graph.replay()
+    want = dskernels.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, 64, backend=backend)
+    for g, n in enumerate([128, 3, 0, 60]):
+        assert torch.equal(out[g, :n], want[g, :n]) and bool((out[g, n:] == 0).all())
+
+
+def test_the_custom_op_passes_opcheck():
+    m_indices = contiguous_layout([3, 0, 2])
+    M = m_indices.shape[0]
+    (a, sa), (b, sb) = fp8_rows((M, K), seed=15), fp8_experts(3, seed=16)
+    out = torch.zeros(M, N, dtype=torch.bfloat16, device=DEVICE)
+    # (opcheck's schema test cannot compare float8 tensors on the CPU: test_gemm.py's OPCHECK_TESTS)
+    torch.library.opcheck(gg._grouped_op, (a, sa, b, sb, m_indices, out, False, 0, "reference"),
+                          test_utils=("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("backend", ["reference", *(["auto"] if ON_GPU else [])])
+def test_compiles_with_torch_compile_fullgraph(backend):
+    m_indices = contiguous_layout([5, 0, 9])
+    M = m_indices.shape[0]
+    (a, sa), (b, sb) = fp8_rows((M, K), seed=19), fp8_experts(3, seed=20)
+    masked_m = torch.tensor([5, 0, 9], dtype=torch.int32, device=DEVICE)
+
+    def step(a, sa, b, sb):
+        out = dskernels.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, m_indices, backend=backend)
+        out[m_indices == -1] = 0
+        masked = dskernels.m_grouped_fp8_gemm_nt_masked(a[:3 * 16].view(3, 16, K), sa[:48].view(3, 16, -1), b, sb,
+                                                        masked_m, 8, out=torch.zeros(3, 16, N, dtype=torch.bfloat16,
+                                                                                     device=DEVICE), backend=backend)
+        return out, masked
+    got = torch.compile(step, fullgraph=True, backend="eager")(a, sa, b, sb)
+    want = step(a, sa, b, sb)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_bad_input_raises():
+    m_indices = contiguous_layout([3, 5])
+    M = m_indices.shape[0]
+    (a, sa), (b, sb) = fp8_rows((M, K), seed=17), fp8_experts(2, seed=18)
+    f = dskernels.m_grouped_fp8_gemm_nt_contiguous
+    with pytest.raises(TypeError, match="a must have dtype"):
+        f(a.float(), sa, b, sb, m_indices)
+    with pytest.raises(ValueError, match="a must have K = "):
+        f(a[:, :128].contiguous(), sa[:, :1].contiguous(), b, sb, m_indices)
+    with pytest.raises(ValueError, match="a_scale must have shape"):
+        f(a, sa[:, :1], b, sb, m_indices)
+    with pytest.raises(ValueError, match="b_scale must have shape"):
+        f(a, sa, b, sb[:, :, :1], m_indices)
+    with pytest.raises(TypeError, match="m_indices must have dtype"):
+        f(a, sa, b, sb, m_indices.long())
+    with pytest.raises(ValueError, match="m_indices must have shape"):
+        f(a, sa, b, sb, m_indices[1:])
+    with pytest.raises(ValueError, match="out must have shape"):
+        f(a, sa, b, sb, m_indices, out=torch.empty(M, N + 1, dtype=torch.bfloat16, device=DEVICE))
+    with pytest.raises(ValueError, match="b must be 3-D"):
+        f(a, sa, b[0], sb, m_indices)
+    masked_a = a[:, :].reshape(1, M, K)
+    with pytest.raises(ValueError, match="a must be \\[G, M_max, K\\] with G = 2"):
+        dskernels.m_grouped_fp8_gemm_nt_masked(masked_a, sa.view(1, M, -1), b, sb,
+                                               torch.zeros(2, dtype=torch.int32, device=DEVICE), 1)
+    with pytest.raises(ValueError, match="expected_m must be >= 0"):
+        dskernels.m_grouped_fp8_gemm_nt_masked(a.view(2, M // 2, K), sa.view(2, M // 2, -1), b, sb,
+                                               torch.zeros(2, dtype=torch.int32, device=DEVICE), -1)
+    with pytest.raises(ValueError, match="K must be a multiple of 128"):
+        f(a[:, :100].contiguous(), sa[:, :1].contiguous(), b[:, :, :100].contiguous(), sb[:, :, :1].contiguous(),
+          m_indices)
+    with pytest.raises(ValueError, match="backend='cuda' cannot run m_grouped_fp8_gemm"):
+        f(a, sa, b, sb, m_indices, backend="cuda")

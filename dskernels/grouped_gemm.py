@@ -1,0 +1,153 @@
+"""Grouped GEMMs for mixture-of-experts layers (as DeepGEMM's): the public API.
+
+    m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, m_indices)   prefill / training
+        a [M_total, K] e4m3 with a_scale [M_total, K/128] (per_token_group_quant, either layout), b [G, N, K]
+        e4m3 with b_scale [G, ceil(N/128), K/128] (per_block_quant per expert), m_indices [M_total] int32:
+        each row's expert, -1 for padding rows; expert e's rows are one segment that starts at a multiple of
+        get_mk_alignment_for_contiguous_layout() (128), padded with -1 rows to the next multiple.
+        -> out [M_total, N] bf16, out[m] = a[m] @ b[m_indices[m]].T; padding rows are never written.
+    m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, masked_m, expected_m)   decode, CUDA graphs
+        a [G, M_max, K] with a_scale [G, M_max, K/128], masked_m [G] int32 on the device: expert g's valid
+        rows; expected_m: about how many rows an expert has (a tuning hint, never a bound).
+        -> out [G, M_max, N] bf16; rows at or past masked_m[g] are never written.
+    m_grouped_bf16_gemm_nt_contiguous(a, b, m_indices), m_grouped_bf16_gemm_nt_masked(a, b, masked_m,
+        expected_m): the same with bf16 a and b (any K), fp32 accumulation.
+
+The numerics are the dense GEMM's (dskernels.reference.gemm), per expert: dskernels.reference.grouped_gemm
+is the specification. No host sync: m_indices and masked_m are read on the device, so the masked form
+is CUDA-graph capturable with masked_m changing between replays. A row whose m_indices entry breaks the
+layout (an id >= G or below -1, or a segment that does not start on the alignment) comes back NaN.
+"""
+import torch
+
+from dskernels import backend as _backend
+from dskernels.checks import check_int, check_shape, check_tensor
+from dskernels.reference import grouped_gemm as _ref
+from dskernels.reference.quant import cdiv
+
+FP8 = torch.float8_e4m3fn
+
+__all__ = ["get_mk_alignment_for_contiguous_layout", "m_grouped_fp8_gemm_nt_contiguous",
+           "m_grouped_fp8_gemm_nt_masked", "m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_masked"]
+
+
+def get_mk_alignment_for_contiguous_layout() -> int:
+    """The row multiple each expert's segment of a contiguous layout starts at (and is padded to)."""
+    return _ref.ALIGNMENT
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: each fills out's written rows.
+
+def _reference(a, a_scale, b, b_scale, rows, out, masked, hint_m):
+    kind = "bf16" if a_scale is None else "fp8"
+    if masked:
+        got = _ref.m_grouped_gemm_masked(kind, a, a_scale, b, b_scale, rows.cpu())
+        for g, n in enumerate(rows.tolist()):
+            n = max(0, min(int(n), a.shape[1]))
+            out[g, :n] = got[g, :n]
+    else:
+        got = _ref.m_grouped_gemm_contiguous(kind, a, a_scale, b, b_scale, rows)
+        written = rows != -1
+        out[written] = got[written]
+
+
+def _triton(a, a_scale, b, b_scale, rows, out, masked, hint_m):
+    from dskernels.triton import grouped_gemm as tg  # imported lazily: triton is optional
+    tg.grouped_gemm(a, a_scale, b, b_scale, rows, out, masked, hint_m)
+
+
+_BACKENDS = {"reference": _reference, "triton": _triton}
+
+
+def _grouped(a, a_scale, b, b_scale, rows, out, masked, hint_m, backend):
+    if a.numel() and out.numel():
+        with _backend.on_device(a):
+            _BACKENDS[backend](a, a_scale, b, None if b_scale is None else b_scale.contiguous(), rows, out, masked,
+                               hint_m)
+
+
+@torch.library.custom_op("dskernels::m_grouped_gemm", mutates_args=("out",))
+def _grouped_op(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_scale: torch.Tensor | None,
+                rows: torch.Tensor, out: torch.Tensor, masked: bool, hint_m: int, backend: str) -> None:
+    _grouped(a, a_scale, b, b_scale, rows, out, masked, hint_m, backend)
+
+
+@_grouped_op.register_fake
+def _(a, a_scale, b, b_scale, rows, out, masked, hint_m, backend):
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and the public functions.
+
+def _check(op, a, a_scale, b, b_scale, rows, rows_name, out, masked, backend):
+    """Every argument rule, raising naming the argument; returns (tensors..., out, backend name)."""
+    fp8 = a_scale is not None
+    dtype = FP8 if fp8 else torch.bfloat16
+    names = ("a", "a_scale", "b", "b_scale", rows_name, "out")
+    a, a_scale, b, b_scale, rows, out = (None if t is None else _backend.as_tensor(n, t)
+                                         for n, t in zip(names, (a, a_scale, b, b_scale, rows, out)))
+    check_tensor("a", a, dtypes=(dtype,), ndim=3 if masked else 2, nonempty=False)
+    check_tensor("b", b, dtypes=(dtype,), ndim=3, device=a.device)
+    G, N, K = b.shape
+    if a.shape[-1] != K:
+        raise ValueError(f"a must have K = {K} columns like b (b is [G, N, K]: out = a @ b[e].T), got shape "
+                         f"{tuple(a.shape)}")
+    if masked and a.shape[0] != G:
+        raise ValueError(f"a must be [G, M_max, K] with G = {G} experts like b, got shape {tuple(a.shape)}")
+    if fp8:
+        if K % 128:
+            raise ValueError(f"K must be a multiple of 128 (one scale block), got K = {K}")
+        check_tensor("a_scale", a_scale, dtypes=(torch.float32,), ndim=a.dim(), device=a.device, contiguous=False,
+                     nonempty=False)
+        check_shape("a_scale", a_scale, (*a.shape[:-1], K // 128))
+        check_tensor("b_scale", b_scale, dtypes=(torch.float32,), ndim=3, device=a.device, contiguous=False)
+        check_shape("b_scale", b_scale, (G, cdiv(N, 128), K // 128))
+    check_tensor(rows_name, rows, dtypes=(torch.int32,), ndim=1, device=a.device, nonempty=False)
+    check_shape(rows_name, rows, (G,) if masked else (a.shape[0],))
+    shape = (*a.shape[:-1], N)
+    if out is not None:
+        check_tensor("out", out, dtypes=(torch.bfloat16,), ndim=len(shape), device=a.device, nonempty=False)
+        check_shape("out", out, shape)
+    name = _backend.resolve(op, backend, a.device)
+    return a, a_scale, b, b_scale, rows, out, shape, name
+
+
+def _run(op, a, a_scale, b, b_scale, rows, rows_name, out, masked, hint_m, backend):
+    a, a_scale, b, b_scale, rows, out, shape, name = _check(op, a, a_scale, b, b_scale, rows, rows_name, out,
+                                                            masked, backend)
+    if out is None:
+        out = _backend.empty(shape, torch.bfloat16, a.device)
+    run = _backend.pick(_grouped, _grouped_op, *(t for t in (a, a_scale, b, b_scale, rows, out) if t is not None))
+    run(a, a_scale, b, b_scale, rows, out, masked, hint_m, name)
+    return out
+
+
+def _hint(expected_m):
+    return check_int("expected_m", expected_m, minimum=0)
+
+
+def m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, m_indices, *, out=None, backend: str = "auto"):
+    """out [M_total, N] bf16: row m = a[m] @ b[m_indices[m]].T with FP32 promotion every 128 K (the module
+    docstring has the layout). out: optional, written in place (its padding rows keep their values).
+    backend: "auto", "triton" (sm_89 and newer) or "reference"."""
+    return _run("m_grouped_fp8_gemm", a, a_scale, b, b_scale, m_indices, "m_indices", out, False, 0, backend)
+
+
+def m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, masked_m, expected_m: int, *, out=None,
+                                 backend: str = "auto"):
+    """out [G, M_max, N] bf16: out[g, m] = a[g, m] @ b[g].T for m < masked_m[g] (module docstring)."""
+    return _run("m_grouped_fp8_gemm", a, a_scale, b, b_scale, masked_m, "masked_m", out, True, _hint(expected_m),
+                backend)
+
+
+def m_grouped_bf16_gemm_nt_contiguous(a, b, m_indices, *, out=None, backend: str = "auto"):
+    """The bf16 form of m_grouped_fp8_gemm_nt_contiguous: a [M_total, K], b [G, N, K] bf16, any K."""
+    return _run("m_grouped_bf16_gemm", a, None, b, None, m_indices, "m_indices", out, False, 0, backend)
+
+
+def m_grouped_bf16_gemm_nt_masked(a, b, masked_m, expected_m: int, *, out=None, backend: str = "auto"):
+    """The bf16 form of m_grouped_fp8_gemm_nt_masked: a [G, M_max, K], b [G, N, K] bf16, any K."""
+    return _run("m_grouped_bf16_gemm", a, None, b, None, masked_m, "masked_m", out, True, _hint(expected_m),
+                backend)

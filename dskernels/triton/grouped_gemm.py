@@ -1,0 +1,114 @@
+"""Grouped GEMMs (contiguous and masked layouts, FP8 with promotion or BF16) in Triton.
+
+One kernel for the four forms (constexprs FP8 and MASKED): the dense FP8 kernel's mainloop
+(dskernels/triton/gemm.py) with the tile's expert found per program. Contiguous: a tile of rows lies in
+one aligned segment (BLOCK_M divides the alignment, 128), whose expert is the largest valid id among its
+128 rows (dskernels.reference.grouped_gemm.segment_experts); tiles of padding only return at once, rows that
+break the layout are written as NaN. Masked: program (g, tile) returns at once past masked_m[g], so an
+expert with no rows costs a launch slot and nothing else; no host sync either way.
+"""
+import triton
+import triton.language as tl
+
+from dskernels.triton.common import EMULATE_CASTS, dot_bf16, swizzled_tile, to_bf16
+
+ALIGNMENT = 128
+
+
+def _configs():
+    if EMULATE_CASTS:  # the CPU interpreter: one small config
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [(64, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 4), (128, 128, 4, 4),
+                                 (128, 256, 8, 3), (64, 256, 8, 4)]]
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "HINT_M", "FP8", "MASKED"])
+@triton.jit
+def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, rows_ptr, M, N, K, G, HINT_M,
+                         stride_sa_g, stride_sa_m, stride_sa_k, FP8: tl.constexpr, MASKED: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                         EMULATE: tl.constexpr):
+    # M: rows of the problem (contiguous: M_total; masked: M_max per expert); HINT_M only keys the tuning.
+    BLOCK_K: tl.constexpr = 128
+    pid = tl.program_id(0)
+    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    g = 0
+    if MASKED:  # programs of expert g, then g + 1, ...
+        g = pid // (grid_m * grid_n)
+        pid = pid % (grid_m * grid_n)
+    pid_m, pid_n = swizzled_tile(pid, grid_m, grid_n, GROUP_M)
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    if MASKED:
+        valid = tl.minimum(tl.load(rows_ptr + g), M)
+        if pid_m * BLOCK_M >= valid:
+            return
+        row_ok = rm < valid
+        bad = rm < 0  # (none)
+        e = g
+        row_base = g.to(tl.int64) * M  # a [G, M, K], out [G, M, N]
+        sa_base = g.to(tl.int64) * stride_sa_g  # a_scale [G, M, Kb]
+    else:
+        seg = (pid_m * BLOCK_M) // ALIGNMENT * ALIGNMENT + tl.arange(0, ALIGNMENT)
+        seg_ids = tl.load(rows_ptr + seg, mask=seg < M, other=-1)
+        e = tl.max(tl.where(seg_ids < G, seg_ids, -1), axis=0)  # the largest valid id of the segment
+        if e < 0:  # padding only: never written
+            return
+        ids = tl.load(rows_ptr + rm, mask=rm < M, other=-1)
+        row_ok = (rm < M) & (ids == e) & (ids < G)  # (ids < G: e < G on these rows, as a vector)
+        bad = (rm < M) & (ids != -1) & ((ids != e) | (ids >= G))
+        row_base = 0
+        sa_base = 0
+    rows = row_base + rm.to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * K + rk[None, :]
+    b_ptrs = b_ptr + e.to(tl.int64) * N * K + rn[None, :].to(tl.int64) * K + rk[:, None]  # [BLOCK_K, BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FP8:
+        kb_count = K // BLOCK_K
+        sa_ptrs = sa_ptr + sa_base + rm.to(tl.int64) * stride_sa_m
+        sb_ptrs = sb_ptr + e.to(tl.int64) * tl.cdiv(N, 128) * kb_count + (rn // 128) * kb_count
+        for kb in range(0, kb_count):
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            sa = tl.load(sa_ptrs + kb * stride_sa_k, mask=row_ok, other=0.0)
+            sb = tl.load(sb_ptrs + kb, mask=n_ok, other=0.0)
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]  # <= 128 K-elements, then promoted
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + rk) < K
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
+            acc += dot_bf16(a, b, EMULATE)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+
+    out_ptrs = out_ptr + rows[:, None] * N + rn[None, :]
+    acc = tl.where(bad[:, None], float("nan"), acc)
+    tl.store(out_ptrs, to_bf16(acc, EMULATE), mask=(row_ok | bad)[:, None] & n_ok[None, :])
+
+
+def grouped_gemm(a, a_scale, b, b_scale, rows, out, masked, hint_m):
+    """Fills out (bf16): contiguous (rows = m_indices [M_total]) or masked (rows = masked_m [G]); FP8 when
+    a_scale is given (a_scale [rows, K/128] or [G, M_max, K/128], any strides; b_scale [G, ceil(N/128),
+    K/128] contiguous), else BF16. Arguments checked."""
+    G, N, K = b.shape
+    M = a.shape[1] if masked else a.shape[0]
+    fp8 = a_scale is not None
+    if fp8:
+        strides = (a_scale.stride(0), a_scale.stride(1), a_scale.stride(2)) if masked else \
+            (0, a_scale.stride(0), a_scale.stride(1))
+    else:
+        a_scale = b_scale = a  # (unused)
+        strides = (0, 0, 0)
+
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (tiles * G if masked else tiles,)
+    _grouped_gemm_kernel[grid](a, b, out, a_scale, b_scale, rows, M, N, K, G, hint_m, *strides,
+                               FP8=fp8, MASKED=masked, EMULATE=EMULATE_CASTS)
