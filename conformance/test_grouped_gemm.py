@@ -177,6 +177,97 @@ def test_rows_that_break_the_layout_come_back_nan(backend):
         assert torch.equal(out[rest], good[rest])
 
 
+K_GROUPED_BACKENDS = backends_for("k_grouped_fp8_gemm")
+# tokens per expert for the weight gradient (multiples of 128, zero allowed)
+K_SEGMENTS = {"ragged": [256, 0, 128, 640], "one_group": [384], "all_empty_but_one": [0, 0, 128]}
+if ON_GPU:
+    K_SEGMENTS["large"] = [4096, 128, 0, 2048, 8192, 256, 1024, 0]
+
+
+def token_major_quantized(T, features, seed):
+    """x [T, features] quantized per 1 x 128 along the tokens: x^T [features, T] e4m3 and its scales."""
+    x = random_input((T, features), torch.bfloat16, seed=seed, device="cpu")
+    q, s = rq.per_token_group_quant_transposed(x)
+    return q.to(DEVICE), s.to(DEVICE)
+
+
+@pytest.mark.parametrize("accumulate", [True, False], ids=["accumulate", "fresh"])
+@pytest.mark.parametrize("segments", list(K_SEGMENTS))
+@pytest.mark.parametrize("backend", K_GROUPED_BACKENDS)
+def test_k_grouped_weight_gradient_matches_the_loop(backend, segments, accumulate):
+    sizes = K_SEGMENTS[segments]
+    G, T = len(sizes), sum(sizes)
+    M, Nk = (576, 1024) if ON_GPU else (96, 160)  # dW [M, Nk] per expert: dy^T [M, T] @ x [T, Nk]
+    (a, sa), (b, sb) = token_major_quantized(T, M, seed=T + 1), token_major_quantized(T, Nk, seed=T + 2)
+    k_offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    base = random_input((G, M, Nk), torch.float32, seed=3)
+
+    def run():
+        out = base.clone()
+        return dskernels.k_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, k_offsets, out, accumulate=accumulate,
+                                                          backend=backend)
+    out = run()
+    assert torch.equal(out, run())  # deterministic
+    start = 0
+    for g, n in enumerate(sizes):
+        seg, kb = slice(start, start + n), slice(start // 128, (start + n) // 128)
+        start += n
+        if n:
+            want, mag = exact("fp8", a[:, seg], sa[:, kb], b[:, seg], sb[:, kb])
+        else:
+            want = mag = torch.zeros(M, Nk, dtype=torch.float64, device=DEVICE)
+        if accumulate:
+            want, mag = want + base[g].double(), mag + base[g].double().abs()
+        assert_finite("out", out[g])
+        elem, whole, row = gemm_tier1_errors(out[g], want, mag, torch.float32, accumulation(backend))
+        assert max(elem, whole, row) <= 1, f"group {g}: per element {elem:.3g}, whole {whole:.3g}, row {row:.3g}"
+
+
+@pytest.mark.parametrize("backend", K_GROUPED_BACKENDS)
+def test_k_grouped_broken_segments_come_back_nan(backend):
+    """A segment not a multiple of 128 long, one running backwards, one past the end: those groups NaN, the
+    others right."""
+    T, M, Nk = 512, 64, 96
+    (a, sa), (b, sb) = token_major_quantized(T, M, seed=4), token_major_quantized(T, Nk, seed=5)
+    good = torch.tensor([0, 128, 256, 384, 512], dtype=torch.int32, device=DEVICE)
+    want = dskernels.k_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, good, torch.zeros(4, M, Nk, device=DEVICE),
+                                                      accumulate=False, backend=backend)
+    for offsets, broken in [([0, 100, 256, 384, 512], [0, 1]), ([0, 128, 256, 200, 512], [2, 3]),
+                            ([0, 128, 256, 384, 640], [3])]:
+        out = dskernels.k_grouped_fp8_gemm_nt_contiguous(
+            a, sa, b, sb, torch.tensor(offsets, dtype=torch.int32, device=DEVICE), torch.zeros(4, M, Nk, device=DEVICE),
+            accumulate=False, backend=backend)
+        for g in range(4):
+            if g in broken:
+                assert bool(torch.isnan(out[g]).all()), (offsets, g)
+            else:
+                assert torch.equal(out[g], want[g]), (offsets, g)
+
+
+def test_k_grouped_bad_input_raises():
+    T, M, Nk = 256, 64, 96
+    (a, sa), (b, sb) = token_major_quantized(T, M, seed=6), token_major_quantized(T, Nk, seed=7)
+    off = torch.tensor([0, 128, 256], dtype=torch.int32, device=DEVICE)
+    out = torch.zeros(2, M, Nk, device=DEVICE)
+    f = dskernels.k_grouped_fp8_gemm_nt_contiguous
+    with pytest.raises(ValueError, match="b must have K_total = 256"):
+        f(a, sa, b[:, :128].contiguous(), sb[:, :1].contiguous(), off, out)
+    with pytest.raises(ValueError, match="b_scale must have shape"):
+        f(a, sa, b, sb[:, :1], off, out)
+    with pytest.raises(ValueError, match="out must have shape"):
+        f(a, sa, b, sb, off, out[:1])
+    with pytest.raises(TypeError, match="out must have dtype"):
+        f(a, sa, b, sb, off, out.bfloat16())
+    with pytest.raises(TypeError, match="k_offsets must have dtype"):
+        f(a, sa, b, sb, off.long(), out)
+    with pytest.raises(ValueError, match="k_offsets must be \\[G \\+ 1\\] with G >= 1"):
+        f(a, sa, b, sb, off[:1], out)
+    with pytest.raises(TypeError, match="accumulate must be a bool"):
+        f(a, sa, b, sb, off, out, accumulate=1)
+    with pytest.raises(ValueError, match="K_total .* must be a multiple of 128"):
+        f(a[:, :100].contiguous(), sa[:, :1].contiguous(), b[:, :100].contiguous(), sb[:, :1].contiguous(), off, out)
+
+
 @gpu_only
 def test_masked_call_replays_from_a_cuda_graph():
     """masked_m is read on the device: a captured call replays right after masked_m changes in place."""

@@ -57,6 +57,7 @@ SUPPORT = {  # op -> {backend: capability range}; a backend not listed has no im
     "fp8_gemm": {"cuda": SM90, "triton": FP8},
     "m_grouped_fp8_gemm": {"triton": FP8},
     "m_grouped_bf16_gemm": {"triton": BF16},
+    "k_grouped_fp8_gemm": {"triton": FP8},
     "mla_decode": {"cuda": SM90, "triton": BF16},
     "mla_decode_fp8_cache": {"triton": FP8},
     "get_mla_metadata": {"cuda": SM90},

@@ -13,6 +13,16 @@
     m_grouped_bf16_gemm_nt_contiguous(a, b, m_indices), m_grouped_bf16_gemm_nt_masked(a, b, masked_m,
         expected_m): the same with bf16 a and b (any K), fp32 accumulation.
 
+    k_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, k_offsets, out, accumulate=True)
+        the experts' weight gradients: out[g] [M, N] fp32 (+)= a[:, seg_g] @ b[:, seg_g].T, seg_g =
+        [k_offsets[g], k_offsets[g + 1]) (k_offsets [G + 1] int32 on the device, every segment a multiple of
+        128 long, zero allowed), a [M, K_total] and b [N, K_total] e4m3 with 1 x 128 scales along K
+        (a_scale [M, K_total/128], b_scale [N, K_total/128]): dW_g = dy_g^T x_g with a = dy^T, b = x^T over
+        the tokens of the contiguous layout, as per_token_group_quant_transposed makes them (its "nt": both
+        operands K-major, where DeepGEMM's k_grouped_fp8_gemm_tn_contiguous takes them token-major). The
+        whole segment is reduced, its padding tokens included: they must be zero (a permute writes them so).
+        A group whose segment breaks the rule comes back NaN.
+
 The numerics are the dense GEMM's (dskernels.reference.gemm), per expert: dskernels.reference.grouped_gemm
 is the specification. No host sync: m_indices and masked_m are read on the device, so the masked form
 is CUDA-graph capturable with masked_m changing between replays. A row whose m_indices entry breaks the
@@ -21,14 +31,15 @@ layout (an id >= G or below -1, or a segment that does not start on the alignmen
 import torch
 
 from dskernels import backend as _backend
-from dskernels.checks import check_int, check_shape, check_tensor
+from dskernels.checks import check_bool, check_int, check_shape, check_tensor
 from dskernels.reference import grouped_gemm as _ref
 from dskernels.reference.quant import cdiv
 
 FP8 = torch.float8_e4m3fn
 
 __all__ = ["get_mk_alignment_for_contiguous_layout", "m_grouped_fp8_gemm_nt_contiguous",
-           "m_grouped_fp8_gemm_nt_masked", "m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_masked"]
+           "m_grouped_fp8_gemm_nt_masked", "m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_masked",
+           "k_grouped_fp8_gemm_nt_contiguous"]
 
 
 def get_mk_alignment_for_contiguous_layout() -> int:
@@ -151,3 +162,67 @@ def m_grouped_bf16_gemm_nt_masked(a, b, masked_m, expected_m: int, *, out=None, 
     """The bf16 form of m_grouped_fp8_gemm_nt_masked: a [G, M_max, K], b [G, N, K] bf16, any K."""
     return _run("m_grouped_bf16_gemm", a, None, b, None, masked_m, "masked_m", out, True, _hint(expected_m),
                 backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# The k-grouped weight gradient.
+
+def _k_reference(a, a_scale, b, b_scale, k_offsets, out, accumulate):
+    _ref.k_grouped_fp8_gemm(a, a_scale, b, b_scale, k_offsets.cpu(), out, accumulate)
+
+
+def _k_triton(a, a_scale, b, b_scale, k_offsets, out, accumulate):
+    from dskernels.triton import grouped_gemm as tg
+    tg.k_grouped_gemm(a, a_scale, b, b_scale, k_offsets, out, accumulate)
+
+
+_K_BACKENDS = {"reference": _k_reference, "triton": _k_triton}
+
+
+def _k_grouped(a, a_scale, b, b_scale, k_offsets, out, accumulate, backend):
+    if out.numel():
+        with _backend.on_device(a):
+            _K_BACKENDS[backend](a, a_scale, b, b_scale, k_offsets, out, accumulate)
+
+
+@torch.library.custom_op("dskernels::k_grouped_fp8_gemm", mutates_args=("out",))
+def _k_grouped_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                  k_offsets: torch.Tensor, out: torch.Tensor, accumulate: bool, backend: str) -> None:
+    _k_grouped(a, a_scale, b, b_scale, k_offsets, out, accumulate, backend)
+
+
+@_k_grouped_op.register_fake
+def _(a, a_scale, b, b_scale, k_offsets, out, accumulate, backend):
+    return None
+
+
+def k_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, k_offsets, out, *, accumulate: bool = True,
+                                     backend: str = "auto"):
+    """The experts' weight gradients into out [G, M, N] fp32 (module docstring); returns out.
+    backend: "auto", "triton" (sm_89 and newer) or "reference"."""
+    names = ("a", "a_scale", "b", "b_scale", "k_offsets", "out")
+    a, a_scale, b, b_scale, k_offsets, out = (_backend.as_tensor(n, t) for n, t in
+                                              zip(names, (a, a_scale, b, b_scale, k_offsets, out)))
+    check_tensor("a", a, dtypes=(FP8,), ndim=2, nonempty=False)
+    M, K_total = a.shape
+    if K_total % 128:
+        raise ValueError(f"a's K_total (the tokens) must be a multiple of 128 (every segment is), got {K_total}")
+    check_tensor("b", b, dtypes=(FP8,), ndim=2, device=a.device, nonempty=False)
+    if b.shape[1] != K_total:
+        raise ValueError(f"b must have K_total = {K_total} columns like a (out[g] = a[:, seg] @ b[:, seg].T), got "
+                         f"shape {tuple(b.shape)}")
+    N = b.shape[0]
+    for name, t, rows in (("a_scale", a_scale, M), ("b_scale", b_scale, N)):
+        check_tensor(name, t, dtypes=(torch.float32,), ndim=2, device=a.device, contiguous=False, nonempty=False)
+        check_shape(name, t, (rows, K_total // 128))
+    check_tensor("k_offsets", k_offsets, dtypes=(torch.int32,), ndim=1, device=a.device)
+    G = k_offsets.shape[0] - 1
+    if G < 1:
+        raise ValueError(f"k_offsets must be [G + 1] with G >= 1 groups, got shape {tuple(k_offsets.shape)}")
+    check_tensor("out", out, dtypes=(torch.float32,), ndim=3, device=a.device, nonempty=False)
+    check_shape("out", out, (G, M, N))
+    accumulate = check_bool("accumulate", accumulate)
+    name = _backend.resolve("k_grouped_fp8_gemm", backend, a.device)
+    run = _backend.pick(_k_grouped, _k_grouped_op, a, a_scale, b, b_scale, k_offsets, out)
+    run(a, a_scale, b, b_scale, k_offsets, out, accumulate, name)
+    return out

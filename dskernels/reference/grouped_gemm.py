@@ -6,6 +6,12 @@
                 (m_indices = -1) at the end of each segment: never written
     masked      out[g, m] = a[g, m] @ b[g].T for m < masked_m[g] (rows past it never written)
                 a [G, M_max, K], b [G, N, K]
+    k-grouped   out[g] (+)= a[:, seg_g] @ b[:, seg_g].T over group g's segment of the reduction,
+                seg_g = [k_offsets[g], k_offsets[g + 1]), each a multiple of 128 long (zero allowed): the
+                experts' weight gradients dW_g = dy_g^T x_g with a = dy^T [M, K_total] and b = x^T
+                [N, K_total] quantized per 1 x 128 along tokens (per_token_group_quant_transposed), out
+                [G, M, N] fp32. A group whose segment is not a non-negative multiple of 128 inside
+                [0, K_total] comes back NaN.
 
 FP8 ("fp8"): e4m3 operands with 1 x 128 scales for a (a_scale [rows, K/128]) and 128 x 128 block scales
 for each expert's weight (b_scale [G, ceil(N/128), K/128]), promoted every 128 K as in
@@ -68,3 +74,21 @@ def m_grouped_gemm_masked(kind, a, a_scale, b, b_scale, masked_m, out_dtype=torc
             out[g, :n] = _expert_gemm(kind, a[g, :n], None if a_scale is None else a_scale[g, :n], b[g],
                                       None if b_scale is None else b_scale[g], accumulate_dtype)
     return out.to(out_dtype)
+
+
+def k_grouped_fp8_gemm(a, a_scale, b, b_scale, k_offsets, out, accumulate):
+    """out [G, M, N] fp32, in place: out[g] = (out[g] if accumulate else 0) + the group's promoted product."""
+    K_total = a.shape[1]
+    offsets = [int(v) for v in k_offsets.tolist()]
+    for g in range(len(offsets) - 1):
+        start, end = offsets[g], offsets[g + 1]
+        if start < 0 or end > K_total or end < start or start % 128 or (end - start) % 128:
+            out[g] = float("nan")
+            continue
+        base = out[g] if accumulate else torch.zeros_like(out[g])
+        if end == start:
+            out[g] = base
+            continue
+        k, kb = slice(start, end), slice(start // 128, end // 128)
+        out[g] = base + _gemm.fp8_gemm(a[:, k], a_scale[:, kb], b[:, k], b_scale[:, kb], torch.float32)
+    return out
