@@ -56,8 +56,11 @@ def torch_unabsorbed(q_nope, q_pe, cache, block_table, wkv_b, scale):
 
 def anchor_line(B, L, H, s_q):
     for row in anchors(torch.cuda.get_device_name()).get("mla_decode_bf16_page64", []):
-        if (row["batch"], row["cache"], row["heads"], row["s_q"]) == (B, L, H, s_q):
-            return {"flashmla_us": row["flashmla_us"], "flashmla_roofline_fraction": row["flashmla_roofline_fraction"]}
+        # (the H100 rows name the fields batch / cache / heads, the H200 rows B / L / H)
+        key = (row.get("B", row.get("batch")), row.get("L", row.get("cache")), row.get("H", row.get("heads")),
+               row["s_q"])
+        if key == (B, L, H, s_q):
+            return {k: row[k] for k in ("flashmla_us", "flashmla_roofline_fraction") if k in row}
     return {}
 
 
