@@ -3,6 +3,7 @@
     python -m bench.report bench/results/nvidia-h100-80gb-hbm3.json
 """
 import json
+import math
 import sys
 from collections import defaultdict
 
@@ -52,7 +53,27 @@ def tables(data: dict) -> str:
             row += [ratio(speed(r, r[key]) if key in r else None) for _, key, speed in anchors]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+        lines += summary(recs)
     return "\n".join(lines)
+
+
+def summary(recs) -> list:
+    """Per backend, over a grid of shapes against one peer: the geomean of the graph-time ratio, and the
+    worst shape among those whose kernel runs 20 us or longer (where launch latency no longer decides)."""
+    lines = []
+    for backend in sorted({r["backend"] for r in recs}):
+        pairs = [(r, r["graph_speedup_vs_peer"]) for r in recs if r["backend"] == backend and
+                 r.get("graph_speedup_vs_peer")]
+        if len(pairs) < 10:
+            continue
+        geo = math.exp(sum(math.log(v) for _, v in pairs) / len(pairs))
+        long = [(v, r) for r, v in pairs if r.get("graph_us", 0) >= 20]
+        line = f"{backend}: geomean vs peer (graph) over {len(pairs)} shapes {geo:.2f}x"
+        if long:
+            v, r = min(long, key=lambda t: t[0])
+            line += f"; worst at >= 20 us {v:.2f}x ({fmt_shape(r['shape'])}, {r['graph_us']:.1f} us)"
+        lines.append(line)
+    return lines + [""] if lines else []
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 import dskernels
 from bench.harness import anchors
 from dskernels.reference import gemm as ref
-from dskernels.shapes import GEMM_M, GEMM_NK
+from dskernels.shapes import GEMM_BROAD, GEMM_M, GEMM_NK
 
 BACKENDS = ["cuda", "triton"]
 SHAPES = [(m, n, k) for m in GEMM_M for n, k in GEMM_NK]
@@ -72,3 +72,18 @@ def test_fp8_gemm(report, shape, backend):
            bound="fp8_TFLOPS" if M > 128 else "copy_GBps",
            peer="cuBLAS block-wise (torch._scaled_mm)" if peer_fn else None, peer_fn=peer_fn,
            more_peers={"bf16_matmul": lambda: x @ w.T}, extra=extra)
+
+
+@pytest.mark.parametrize("shape", GEMM_BROAD, ids=lambda s: "x".join(map(str, s)))
+def test_fp8_gemm_grid(report, shape):
+    """The broad grid (dskernels.shapes.GEMM_BROAD: other models' projections, M from 1 to 16384), CUDA
+    against cuBLAS block-wise; bench.report summarizes it (geomean, worst shape)."""
+    M, N, K = shape
+    x, w, a, sa, b, sb = operands(M, N, K)
+    peer_fn, why = cublas_blockwise(a, sa, b, sb)
+    report(op="fp8_gemm_grid", backend="cuda", shape={"M": M, "N": N, "K": K},
+           fn=lambda: dskernels.fp8_gemm(a, sa, b, sb, backend="cuda"),
+           flops=2 * M * N * K, bytes_moved=M * K + N * K + 2 * M * N + 4 * (sa.numel() + sb.numel()),
+           bound="fp8_TFLOPS" if M > 128 else "copy_GBps",
+           peer="cuBLAS block-wise (torch._scaled_mm)" if peer_fn else None, peer_fn=peer_fn,
+           extra={"cublas_blockwise_unavailable": why} if why else {})

@@ -13,7 +13,7 @@ from conformance.tolerances import assert_finite, diff, gemm_tier1_errors, gemm_
 from dskernels.backend import TRITON_INTERPRET
 from dskernels.reference import gemm as ref
 from dskernels.reference import quant as rq
-from dskernels.shapes import GEMM_M, GEMM_NK
+from dskernels.shapes import GEMM_BROAD, GEMM_M, GEMM_NK
 
 BACKENDS = backends_for("fp8_gemm")
 ODD = [(1, 24, 128), (63, 2112, 256), (129, 24, 384), (1, 2112, 128), (63, 24, 16384)]
@@ -78,6 +78,22 @@ def test_matches_reference_1d2d(backend, shape, out_dtype):
     out = twice_poisoned(lambda: dskernels.fp8_gemm(a, sa, b, sb, out_dtype=out_dtype, backend=backend))
     assert out.shape == (M, N) and out.dtype == out_dtype
     check_tier1(out, want, magnitude, out_dtype, backend)
+
+
+@gpu_only
+@pytest.mark.parametrize("shape", [s for s in GEMM_BROAD if s[0] <= 129], ids=lambda s: "x".join(map(str, s)))
+def test_broad_grid_small_m(shape):
+    """The benchmarks' broad grid (other models' projections) at M <= 129, every backend that runs here."""
+    M, N, K = shape
+    x = random_input((M, K), torch.bfloat16, seed=M + K)  # on the GPU: the CPU would take minutes here
+    w = random_input((N, K), torch.bfloat16, seed=N + K, outliers=False)
+    (a, sa), (b, sb) = rq.per_token_group_quant(x), rq.per_block_quant(w)
+    want, magnitude = exact_gemm(a, sa, b, sb)
+    for backend in available(BACKENDS):
+        if backend == "reference":
+            continue
+        out = dskernels.fp8_gemm(a, sa, b, sb, backend=backend)
+        check_tier1(out, want, magnitude, torch.bfloat16, backend)
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["fresh", "accumulate"])
