@@ -156,9 +156,24 @@ def test_mn_major_scales_and_a_given_out(backend):
 
 
 @pytest.mark.parametrize("backend", FP8_BACKENDS)
+def test_masked_with_strided_scales(backend):
+    """The masked form reads a_scale through its strides: an MN-major [G, M_max, K/128] view (each expert's
+    scales column-major, as the TMA layout has them) gives what the contiguous one gives."""
+    G, M_max = 3, 72
+    masked_m = torch.tensor([72, 0, 31], dtype=torch.int32, device=DEVICE)
+    (a, sa), (b, sb) = fp8_rows((G, M_max, K), seed=21), fp8_experts(G, seed=22)
+    want = dskernels.m_grouped_fp8_gemm_nt_masked(a, sa, b, sb, masked_m, 32, backend=backend)
+    mn_major = sa.transpose(1, 2).contiguous().transpose(1, 2)  # strides (Kb * M_max, 1, M_max)
+    assert mn_major.stride() != sa.stride()
+    got = dskernels.m_grouped_fp8_gemm_nt_masked(a, mn_major, b, sb, masked_m, 32, backend=backend)
+    for g, n in enumerate(masked_m.tolist()):
+        assert torch.equal(got[g, :n], want[g, :n])
+
+
+@pytest.mark.parametrize("backend", FP8_BACKENDS)
 def test_rows_that_break_the_layout_come_back_nan(backend):
-    """An expert id >= G, one below -1, and a segment that starts off the alignment: those rows NaN, every
-    other row right."""
+    """An expert id >= G, one below -1, a segment that starts off the alignment, and bad ids in a segment
+    without any valid one: those rows NaN, every other row right."""
     G = 3
     m_indices = contiguous_layout([60, 100, 30])
     bad_id = m_indices.clone()
@@ -168,13 +183,21 @@ def test_rows_that_break_the_layout_come_back_nan(backend):
     M = m_indices.shape[0]
     (a, sa), (b, sb) = fp8_rows((M, K), seed=11), fp8_experts(G, seed=12)
     good = dskernels.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, m_indices, backend=backend)
-    for layout, nan_rows in [(bad_id, [5, ALIGN + 7]), (shifted, list(range(ALIGN, ALIGN + 4)))]:
-        out = dskernels.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, layout, backend=backend)
+    orphan = m_indices.clone()  # the last segment holds no valid id at all: its other rows still NaN
+    last = 2 * ALIGN
+    orphan[last:last + 30] = -1
+    orphan[last + 3], orphan[last + 9] = G + 2, -3
+    for layout, nan_rows in [(bad_id, [5, ALIGN + 7]), (shifted, list(range(ALIGN, ALIGN + 4))),
+                             (orphan, [last + 3, last + 9])]:
+        # out= filled with a number: a row left unwritten keeps it (a poisoned fresh output would pass as NaN)
+        out = torch.full((M, N), 7.0, dtype=torch.bfloat16, device=DEVICE)
+        dskernels.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, layout, out=out, backend=backend)
         nan = torch.zeros(M, dtype=torch.bool, device=DEVICE)
         nan[nan_rows] = True
         assert bool(torch.isnan(out[nan].float()).all())
         rest = ~nan & (layout != -1)
         assert torch.equal(out[rest], good[rest])
+        assert bool((out[layout == -1] == 7.0).all())
 
 
 K_GROUPED_BACKENDS = backends_for("k_grouped_fp8_gemm")

@@ -33,6 +33,6 @@ def test_hopper_matrix_products_lower_to_wgmma(compiled):
     capability, kernels = compiled
     if capability != 90:
         pytest.skip("wgmma is Hopper's")
-    gemms = {k: r for k, r in kernels.items() if k.startswith("fp8_gemm")}
+    gemms = {k: r for k, r in kernels.items() if k.startswith(("fp8_gemm", "bf16_gemm"))}
     assert gemms and all(r["wgmma"] > 0 for r in gemms.values()), {k: r["wgmma"] for k, r in gemms.items()}
     assert kernels["mla_split(BLOCK_H=64)"]["wgmma"] > 0

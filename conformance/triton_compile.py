@@ -15,6 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from dskernels.triton import gemm as tg
+from dskernels.triton import grouped_gemm as tgg
 from dskernels.triton import mla as tm
 from dskernels.triton import quant as tq
 
@@ -38,6 +39,23 @@ def kernels():
             yield (f"fp8_gemm({cfg}, b_per_row={per_row})", tg._fp8_gemm_kernel.fn, {**gemm_sig, "out_ptr": out},
                    {"B_PER_ROW": per_row, "ACCUMULATE": acc, "EMULATE": False, **cfg.kwargs},
                    {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    grouped_sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
+                   "rows_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "G": "i32", "M_KEY": "i32",
+                   "stride_sa_g": "i32", "stride_sa_m": "i32", "stride_sa_k": "i32"}
+    bf16_sig = {**grouped_sig, "a_ptr": "*bf16", "b_ptr": "*bf16", "sa_ptr": "*bf16", "sb_ptr": "*bf16"}
+    for cfg in tgg._grouped_gemm_kernel.configs:
+        for fp8 in (True, False):
+            for masked in (False, True):
+                yield (f"{'fp8' if fp8 else 'bf16'}_gemm_grouped({cfg}, masked={masked})", tgg._grouped_gemm_kernel.fn,
+                       grouped_sig if fp8 else bf16_sig,
+                       {"FP8": fp8, "MASKED": masked, "BLOCK_K": 128 if fp8 else 64, "EMULATE": False, **cfg.kwargs},
+                       {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    k_sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "out_ptr": "*fp32", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
+             "off_ptr": "*i32", "M": "i32", "N": "i32", "K_TOTAL": "i32", "K_KEY": "i32", "stride_sa_m": "i32",
+             "stride_sa_k": "i32", "stride_sb_n": "i32", "stride_sb_k": "i32"}
+    for cfg in tgg._k_grouped_kernel.configs:
+        yield (f"fp8_gemm_k_grouped({cfg})", tgg._k_grouped_kernel.fn, k_sig, {"ACCUMULATE": True, **cfg.kwargs},
+               {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     split_sig = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i32", "seqlens_ptr": "*i32", "items_ptr": "*i32",
                  "offsets_ptr": "*i32", "bad_ptr": "*i32", "made_seqlens_ptr": "*i32", "made_hash_ptr": "*i32",
                  "error_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "lse_out_ptr": "*fp32",

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from dskernels.triton.common import EMULATE_CASTS, dot_bf16, swizzled_tile, to_bf16
 
-ALIGNMENT = 128
+ALIGNMENT = tl.constexpr(128)  # (a constexpr: compiled kernels read no other globals)
 
 
 def _configs():
@@ -24,14 +24,20 @@ def _configs():
                                  (128, 256, 8, 3), (64, 256, 8, 4)]]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "HINT_M", "FP8", "MASKED"])
+def bucket(n: int) -> int:
+    """The autotuning key of a size that changes from step to step (token counts): its next power of two,
+    so a training run tunes once per bucket, not once per step."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+@triton.autotune(configs=_configs(), key=["M_KEY", "N", "K", "FP8", "MASKED"])
 @triton.jit
-def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, rows_ptr, M, N, K, G, HINT_M,
+def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, rows_ptr, M, N, K, G, M_KEY,
                          stride_sa_g, stride_sa_m, stride_sa_k, FP8: tl.constexpr, MASKED: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
                          EMULATE: tl.constexpr):
-    # M: rows of the problem (contiguous: M_total; masked: M_max per expert); HINT_M only keys the tuning.
-    BLOCK_K: tl.constexpr = 128
+    # M: rows of the problem (contiguous: M_total; masked: M_max per expert); M_KEY (a bucket of the rows
+    # expected) only keys the tuning. BLOCK_K: 128 for FP8 (one scale block), 64 for BF16 (shared memory).
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     g = 0
@@ -56,11 +62,15 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, rows_ptr, M, N, 
         seg = (pid_m * BLOCK_M) // ALIGNMENT * ALIGNMENT + tl.arange(0, ALIGNMENT)
         seg_ids = tl.load(rows_ptr + seg, mask=seg < M, other=-1)
         e = tl.max(tl.where(seg_ids < G, seg_ids, -1), axis=0)  # the largest valid id of the segment
-        if e < 0:  # padding only: never written
-            return
         ids = tl.load(rows_ptr + rm, mask=rm < M, other=-1)
         row_ok = (rm < M) & (ids == e) & (ids < G)  # (ids < G: e < G on these rows, as a vector)
         bad = (rm < M) & (ids != -1) & ((ids != e) | (ids >= G))
+        if e < 0:  # no valid id in the segment: its other non-padding rows NaN, nothing else written
+            if tl.max(bad.to(tl.int32), axis=0) > 0:
+                nan_ptrs = out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+                tl.store(nan_ptrs, tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.bfloat16),
+                         mask=bad[:, None] & n_ok[None, :])
+            return
         row_base = 0
         sa_base = 0
     rows = row_base + rm.to(tl.int64)
@@ -111,15 +121,15 @@ def grouped_gemm(a, a_scale, b, b_scale, rows, out, masked, hint_m):
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
         return (tiles * G if masked else tiles,)
-    _grouped_gemm_kernel[grid](a, b, out, a_scale, b_scale, rows, M, N, K, G, hint_m, *strides,
-                               FP8=fp8, MASKED=masked, EMULATE=EMULATE_CASTS)
+    _grouped_gemm_kernel[grid](a, b, out, a_scale, b_scale, rows, M, N, K, G, bucket(hint_m if masked else M),
+                               *strides, FP8=fp8, MASKED=masked, BLOCK_K=128 if fp8 else 64, EMULATE=EMULATE_CASTS)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K_TOTAL", "ACCUMULATE"],
+@triton.autotune(configs=_configs(), key=["M", "N", "K_KEY", "ACCUMULATE"],
                  restore_value=["out_ptr"])  # accumulate: every trial must start from the same out
 @triton.jit
-def _k_grouped_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, off_ptr, M, N, K_TOTAL, stride_sa_m, stride_sa_k,
-                      stride_sb_n, stride_sb_k, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+def _k_grouped_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, off_ptr, M, N, K_TOTAL, K_KEY, stride_sa_m,
+                      stride_sa_k, stride_sb_n, stride_sb_k, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # Program (g, tile): out[g] tile (+)= a[:, seg] @ b[:, seg].T over group g's 128-aligned token segment,
     # both operands with 1 x 128 scales along the reduction (1D1D), promoted every 128.
@@ -131,6 +141,7 @@ def _k_grouped_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, off_ptr, M, N, K_TO
     start = tl.load(off_ptr + g)
     end = tl.load(off_ptr + g + 1)
     broken = (start < 0) | (end > K_TOTAL) | (end < start) | (start % BLOCK_K != 0) | ((end - start) % BLOCK_K != 0)
+    start = tl.multiple_of(tl.where(broken, 0, start), BLOCK_K)  # aligned: the loads can be pipelined
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = rm < M, rn < N
@@ -163,5 +174,6 @@ def k_grouped_gemm(a, a_scale, b, b_scale, k_offsets, out, accumulate):
 
     def grid(meta):
         return (G * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _k_grouped_kernel[grid](a, b, out, a_scale, b_scale, k_offsets, M, N, a.shape[1], a_scale.stride(0),
-                            a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), ACCUMULATE=accumulate)
+    _k_grouped_kernel[grid](a, b, out, a_scale, b_scale, k_offsets, M, N, a.shape[1], bucket(a.shape[1]),
+                            a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
+                            ACCUMULATE=accumulate)
