@@ -1,0 +1,127 @@
+"""A DeepSeekMoE layer's routing, layout, permute and combine, the specification (plain PyTorch).
+
+    topk_idx, topk_weights, counts = route(logits, bias, topk, n_group, topk_group, route_scale)
+    layout = contiguous_layout(topk_idx, num_experts)         # rows sorted by expert, segments aligned
+    x_rows = permute(x, layout)                               # [rows, D]: token rows in expert order
+    y = combine(y_rows, layout, topk_weights)                 # [T, D]: each token's k results, weighted
+    update_bias(bias, counts, gamma)                          # auxiliary-loss-free balancing, in place
+
+DeepSeek-V3's routing: affinities s = sigmoid(logits) (fp32); the bias steers the choice only: experts
+are ranked by s + bias, first by group (each of n_group groups scored by the sum of its two best biased
+affinities; the topk_group best groups stay eligible), then the topk best eligible experts. Ties go to
+the lower index, groups and experts alike (a stable descending sort). The weights are the chosen
+unbiased affinities normalized to sum 1, times route_scale. With score="softmax" the affinities are
+softmax(logits) and the weights are not normalized (DeepSeek-V2). Gradients reach the logits through
+the weights; the choice itself has none.
+
+The contiguous layout is what the grouped GEMMs take (dskernels.grouped_gemm): expert e's rows form one
+segment starting at a multiple of `alignment`, the tokens in ascending order, a token's slots in slot
+order; padding rows (m_indices = -1) fill each segment up to the next multiple. Nothing is dropped, so
+the layout is allocated for the worst case, T * k rows plus alignment - 1 padding rows per expert,
+whatever the routing (no host sync decides a size).
+"""
+from dataclasses import dataclass
+
+import torch
+
+ALIGNMENT = 128
+
+
+def _stable_topk(x: torch.Tensor, k: int):
+    """The k largest along the last dim, ties to the lower index (torch.topk promises no order)."""
+    values, indices = torch.sort(x, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor | None, topk: int, n_group: int = 1, topk_group: int = 1,
+          route_scale: float = 1.0, score: str = "sigmoid"):
+    """logits [T, E] -> topk_idx [T, topk] int32, topk_weights [T, topk] fp32 (differentiable w.r.t.
+    logits), counts [E] int32 (tokens per expert, for the bias update)."""
+    T, E = logits.shape
+    s = logits.float().sigmoid() if score == "sigmoid" else logits.float().softmax(dim=-1)
+    biased = (s + bias.float()) if bias is not None else s
+    choice = biased.detach()
+    if n_group > 1:
+        grouped = choice.view(T, n_group, E // n_group)
+        group_score = _stable_topk(grouped, 2)[0].sum(dim=-1) if bias is not None else grouped.amax(dim=-1)
+        keep = _stable_topk(group_score, topk_group)[1]                                   # [T, topk_group]
+        eligible = torch.zeros(T, n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, True)
+        choice = choice.masked_fill(~eligible.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    idx = _stable_topk(choice, topk)[1]
+    weights = s.gather(1, idx)
+    if score == "sigmoid":
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights = weights * route_scale
+    counts = torch.bincount(idx.flatten(), minlength=E).to(torch.int32)
+    return idx.to(torch.int32), weights, counts
+
+
+@dataclass
+class Layout:
+    """Where every (token, slot) goes in the expert-sorted rows, and back.
+
+    m_indices [rows] int32: each row's expert, -1 for padding (the grouped GEMMs' input);
+    token_of_row [rows] int32: each row's token, -1 for padding (the permute's gather);
+    row_of_slot [T, k] int32: the row of token t's slot j (the combine's gather);
+    segment_start [E] int32: where each expert's segment begins (multiples of the alignment);
+    counts [E] int32: each expert's rows (without padding)."""
+    m_indices: torch.Tensor
+    token_of_row: torch.Tensor
+    row_of_slot: torch.Tensor
+    segment_start: torch.Tensor
+    counts: torch.Tensor
+
+
+def layout_rows(T: int, k: int, num_experts: int, alignment: int = ALIGNMENT) -> int:
+    """The worst-case row count a contiguous layout is allocated for (no token is ever dropped)."""
+    return T * k + num_experts * (alignment - 1)
+
+
+def contiguous_layout(topk_idx: torch.Tensor, num_experts: int, alignment: int = ALIGNMENT) -> Layout:
+    T, k = topk_idx.shape
+    device = topk_idx.device
+    flat = topk_idx.flatten().long()                                                   # slot s = t * k + j
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + alignment - 1) // alignment * alignment
+    segment_start = torch.cumsum(padded, 0) - padded
+    order = torch.sort(flat, stable=True)[1]                        # by expert, then token, then slot
+    rank = torch.arange(flat.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
+    rows_of_sorted = segment_start[flat[order]] + rank
+    row_of_slot = torch.empty_like(flat)
+    row_of_slot[order] = rows_of_sorted
+    rows = layout_rows(T, k, num_experts, alignment)
+    m_indices = torch.full((rows,), -1, dtype=torch.int32, device=device)
+    token_of_row = torch.full((rows,), -1, dtype=torch.int32, device=device)
+    m_indices[row_of_slot] = flat.to(torch.int32)
+    token_of_row[row_of_slot] = torch.div(torch.arange(flat.numel(), device=device), k,
+                                          rounding_mode="floor").to(torch.int32)
+    return Layout(m_indices, token_of_row, row_of_slot.view(T, k).to(torch.int32), segment_start.to(torch.int32),
+                  counts.to(torch.int32))
+
+
+def permute(x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """x [T, D] -> [rows, D] in the layout's order; padding rows are zero (the weight gradient sums over
+    them: dskernels.grouped_gemm.k_grouped_fp8_gemm_nt_contiguous)."""
+    rows = layout.token_of_row.long()
+    out = x.new_zeros(rows.shape[0], x.shape[1])
+    valid = rows >= 0
+    return out.index_put((valid.nonzero().flatten(),), x[rows[valid]])
+
+
+def combine(y: torch.Tensor, layout: Layout, topk_weights: torch.Tensor) -> torch.Tensor:
+    """y [rows, D] -> out [T, D] = sum over the token's slots j, in slot order, of
+    topk_weights[t, j] * y[row_of_slot[t, j]], in fp32, rounded once to y's dtype."""
+    T, k = layout.row_of_slot.shape
+    acc = torch.zeros(T, y.shape[1], dtype=torch.float32, device=y.device)
+    for j in range(k):  # slot order: the sum's order is part of the specification
+        acc = acc + topk_weights[:, j:j + 1].float() * y[layout.row_of_slot[:, j].long()].float()
+    return acc.to(y.dtype)
+
+
+def update_bias(bias: torch.Tensor, counts: torch.Tensor, gamma: float) -> torch.Tensor:
+    """bias -= gamma * sign(load - mean load), in place and outside autograd: overloaded experts get
+    picked less, underloaded ones more."""
+    with torch.no_grad():
+        load = counts.float()
+        bias -= gamma * torch.sign(load - load.mean())
+    return bias
