@@ -14,6 +14,7 @@ up to 50 MB of dirty lines that the timed op then pays to write back (about 17 u
 H100, against a 38 us quantization); a read leaves clean lines, and the previous replay's dirty output
 drains during the flush.
 """
+import functools
 import statistics
 import time
 
@@ -182,10 +183,20 @@ def make_record(*, op, backend, shape, times, flops=0, bytes_moved=0, ceilings, 
     return rec
 
 
+@functools.lru_cache(maxsize=None)
+def _anchor_file() -> dict:
+    import json
+    from pathlib import Path
+    return json.loads((Path(__file__).parent / "anchors.json").read_text())
+
+
 def anchors(gpu_name: str) -> dict:
     """The anchors' figures measured on this workplace's GPUs (bench/anchors.json): reference lines
     from another run, never a same-run ratio."""
-    import json
-    from pathlib import Path
-    data = json.loads((Path(__file__).parent / "anchors.json").read_text())
-    return data.get(gpu_name, {})
+    return _anchor_file().get(gpu_name, {})
+
+
+def anchor_row(section: str, match) -> dict | None:
+    """This GPU's anchor row of `section` for which match(row) holds, or None."""
+    import torch
+    return next((row for row in anchors(torch.cuda.get_device_name()).get(section, []) if match(row)), None)

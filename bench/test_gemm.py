@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dskernels
-from bench.harness import anchors
+from bench.harness import anchor_row
 from dskernels.reference import gemm as ref
 from dskernels.shapes import GEMM_BROAD, GEMM_M, GEMM_NK
 
@@ -51,10 +51,8 @@ def cublas_blockwise(a, sa, b, sb):
 
 
 def anchor_line(M, N, K):
-    for row in anchors(torch.cuda.get_device_name()).get("fp8_gemm", []):
-        if (row["M"], row["N"], row["K"]) == (M, N, K):
-            return {"deepgemm_tflops": row["deepgemm_tflops"]}
-    return {}
+    row = anchor_row("fp8_gemm", lambda r: (r["M"], r["N"], r["K"]) == (M, N, K))
+    return {"deepgemm_tflops": row["deepgemm_tflops"]} if row else {}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dskernels
-from bench.harness import anchors
+from bench.harness import anchor_row, anchors
 
 BACKENDS = ["triton"]  # the CUDA kernels come later (the GEMM-family issue)
 ALIGN = 128
@@ -50,10 +50,8 @@ def grouped_mm_bf16(x, w, counts):
 
 
 def anchor(section, match):
-    for row in anchors(torch.cuda.get_device_name()).get(section, []):
-        if all(row.get(k) == v for k, v in match.items()):
-            return {k: v for k, v in row.items() if k.startswith(("dg_", "grouped_mm"))}
-    return {}
+    row = anchor_row(section, lambda r: all(r.get(k) == v for k, v in match.items()))
+    return {k: v for k, v in row.items() if k.startswith(("dg_", "grouped_mm"))} if row else {}
 
 
 CONTIGUOUS = [(r["G"], r["m_mean"], r["N"], r["K"], r["ragged"]) for r in

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import dskernels.mla as mla
-from bench.harness import anchors
+from bench.harness import anchor_row
 from dskernels.reference import mla as ref
 
 BACKENDS = ["cuda", "triton"]
@@ -55,13 +55,10 @@ def torch_unabsorbed(q_nope, q_pe, cache, block_table, wkv_b, scale):
 
 
 def anchor_line(B, L, H, s_q):
-    for row in anchors(torch.cuda.get_device_name()).get("mla_decode_bf16_page64", []):
-        # (the H100 rows name the fields batch / cache / heads, the H200 rows B / L / H)
-        key = (row.get("B", row.get("batch")), row.get("L", row.get("cache")), row.get("H", row.get("heads")),
-               row["s_q"])
-        if key == (B, L, H, s_q):
-            return {k: row[k] for k in ("flashmla_us", "flashmla_roofline_fraction") if k in row}
-    return {}
+    # (the H100 rows name the fields batch / cache / heads, the H200 rows B / L / H)
+    row = anchor_row("mla_decode_bf16_page64", lambda r: (r.get("B", r.get("batch")), r.get("L", r.get("cache")),
+                                                          r.get("H", r.get("heads")), r["s_q"]) == (B, L, H, s_q))
+    return {k: row[k] for k in ("flashmla_us", "flashmla_roofline_fraction") if k in row} if row else {}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

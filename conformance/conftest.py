@@ -11,6 +11,7 @@ import torch
 
 import dskernels
 from dskernels import backend as _backend
+from dskernels.reference import gemm as _ref_gemm
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -97,3 +98,20 @@ def random_input(shape, dtype=torch.bfloat16, seed=0, device=DEVICE, outliers=Tr
         spikes = torch.rand(shape, generator=g) < 1e-3
         x[spikes] *= 30
     return x.to(dtype).to(device)
+
+
+def accumulation(backend):
+    """Where the backend sums a K block (conformance/tolerances.py): IEEE fp32, or the tensor cores."""
+    if backend == "reference" or (backend == "triton" and _backend.TRITON_INTERPRET and not ON_GPU):
+        return "ieee"
+    return "tensor_core"
+
+
+def exact_gemm(a, sa, b, sb, base=None):
+    """The promoted sum in float64 and the same sum over |a|, |b| (plus the base added into)."""
+    want = _ref_gemm.fp8_gemm(a, sa, b, sb, torch.float64, accumulate_dtype=torch.float64)
+    magnitude = _ref_gemm.fp8_gemm(a.float().abs().to(a.dtype), sa, b.float().abs().to(b.dtype), sb, torch.float64,
+                                   accumulate_dtype=torch.float64)
+    if base is not None:
+        want, magnitude = want + base.double(), magnitude + base.double().abs()
+    return want, magnitude

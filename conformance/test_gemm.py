@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import dskernels
-from conformance.conftest import DEVICE, ON_GPU, available, backends_for, gpu_only, random_input, twice_poisoned
-from conformance.tolerances import assert_finite, diff, gemm_tier1_errors, gemm_tier2_bound
-from dskernels.backend import TRITON_INTERPRET
+from conformance.conftest import (DEVICE, ON_GPU, accumulation, available, backends_for, exact_gemm, gpu_only,
+                                  random_input, twice_poisoned)
+from conformance.tolerances import assert_finite, gemm_tier1_errors, gemm_tier2_bound
 from dskernels.reference import gemm as ref
 from dskernels.reference import quant as rq
 from dskernels.shapes import GEMM_BROAD, GEMM_M, GEMM_NK
@@ -22,13 +22,6 @@ SHAPES = ODD + (BENCH + [(129, 2112, 16384)] if ON_GPU else [])
 OUT_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float32, id="fp32")]
 
 
-def accumulation(backend):
-    """Where the backend sums a K block (conformance/tolerances.py): IEEE fp32, or the tensor cores."""
-    if backend == "reference" or (backend == "triton" and TRITON_INTERPRET and not ON_GPU):
-        return "ieee"
-    return "tensor_core"
-
-
 def quantized_operands(M, N, K, seed, per_row_b=False):
     """Fresh bf16 inputs, quantized by the reference: (a, sa, b, sb) plus the originals."""
     x = random_input((M, K), torch.bfloat16, seed=seed, device="cpu")
@@ -36,16 +29,6 @@ def quantized_operands(M, N, K, seed, per_row_b=False):
     a, sa = rq.per_token_group_quant(x)
     b, sb = rq.per_token_group_quant(w) if per_row_b else rq.per_block_quant(w)
     return [t.to(DEVICE) for t in (a, sa, b, sb)], (x.to(DEVICE), w.to(DEVICE))
-
-
-def exact_gemm(a, sa, b, sb, base=None):
-    """The promoted sum in float64 and the same sum over |a|, |b| (plus the base added into)."""
-    want = ref.fp8_gemm(a, sa, b, sb, torch.float64, accumulate_dtype=torch.float64)
-    magnitude = ref.fp8_gemm(a.float().abs().to(a.dtype), sa, b.float().abs().to(b.dtype), sb, torch.float64,
-                             accumulate_dtype=torch.float64)
-    if base is not None:
-        want, magnitude = want + base.double(), magnitude + base.double().abs()
-    return want, magnitude
 
 
 @functools.lru_cache(maxsize=2)

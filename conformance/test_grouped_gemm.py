@@ -7,10 +7,9 @@ import torch
 
 import dskernels
 from dskernels import grouped_gemm as gg
-from conformance.conftest import DEVICE, ON_GPU, POISONS, as_bytes, backends_for, gpu_only, random_input
+from conformance.conftest import (DEVICE, ON_GPU, POISONS, accumulation, as_bytes, backends_for, exact_gemm, gpu_only,
+                                  random_input)
 from conformance.tolerances import GEMM_OUT_U, assert_finite, gemm_tier1_errors
-from dskernels.backend import TRITON_INTERPRET
-from dskernels.reference import gemm as ref
 from dskernels.reference import quant as rq
 
 FP8_BACKENDS = backends_for("m_grouped_fp8_gemm")
@@ -24,11 +23,6 @@ ROUTINGS = {"random": [70, 130, 5, 200], "skewed": [300, 20, 10, 0], "empty": [0
             "one_row": [0, 1, 0], "one_expert": [257], "ragged": [40, 3, 77]}
 if ON_GPU:
     ROUTINGS["large"] = [1500, 700, 0, 2100, 64, 900, 1, 1000]
-
-
-def accumulation(backend):
-    return "ieee" if backend == "reference" or (backend == "triton" and TRITON_INTERPRET and not ON_GPU) \
-        else "tensor_core"
 
 
 def contiguous_layout(counts, pad_last=True):
@@ -56,10 +50,7 @@ def fp8_rows(shape, seed):
 def exact(kind, a, sa, b, sb):
     """The product in float64 and the same over |a|, |b| (one expert)."""
     if kind == "fp8":
-        got = ref.fp8_gemm(a, sa, b, sb, torch.float64, accumulate_dtype=torch.float64)
-        mag = ref.fp8_gemm(a.float().abs().to(a.dtype), sa, b.float().abs().to(b.dtype), sb, torch.float64,
-                           accumulate_dtype=torch.float64)
-        return got, mag
+        return exact_gemm(a, sa, b, sb)
     return a.double() @ b.double().t(), a.double().abs() @ b.double().abs().t()
 
 

@@ -19,18 +19,27 @@ from dskernels.reference.quant import cdiv
 FP8 = torch.float8_e4m3fn
 
 
+def _is_mn_major(scale: torch.Tensor) -> bool:
+    """scale [R, Kb] with strides (1, ld), ld % 4 == 0 and ld >= R: what a TMA load of one K block's scales
+    for a tile of rows needs."""
+    return scale.stride(0) == 1 and scale.stride(1) % 4 == 0 and scale.stride(1) >= scale.shape[0]
+
+
 def _mn_major(scale: torch.Tensor) -> torch.Tensor:
-    """scale [R, Kb] with strides (1, ld), ld % 4 == 0: what a TMA load of one K block's scales
-    for a tile of rows needs. Copies only when the caller's layout differs."""
-    R, Kb = scale.shape
-    if scale.stride(0) == 1 and scale.stride(1) % 4 == 0 and scale.stride(1) >= R:
+    """scale in the MN-major layout (_is_mn_major); copies only when the caller's layout differs."""
+    if _is_mn_major(scale):
         return scale
-    ld = cdiv(R, 4) * 4
-    return _backend.empty((R, Kb), torch.float32, scale.device, strides=(1, ld)).copy_(scale)
+    R, Kb = scale.shape
+    return _backend.empty((R, Kb), torch.float32, scale.device, strides=(1, cdiv(R, 4) * 4)).copy_(scale)
+
+
+def _per_row(b, b_scale) -> bool:
+    """Whether b_scale has one scale per 1 x 128 tile ("1D1D") rather than per 128 x 128 block."""
+    return b_scale.shape[0] == b.shape[0] and b.shape[0] > 1
 
 
 def _cuda(a, a_scale, b, b_scale, out, accumulate):
-    per_row = b_scale.shape[0] == b.shape[0] and b.shape[0] > 1
+    per_row = _per_row(b, b_scale)
     a_scale = _mn_major(a_scale)
     b_scale = _mn_major(b_scale) if per_row else b_scale.contiguous()
     _launch(a, a_scale, b, b_scale, out, accumulate, per_row, _backend.device_properties(a.device.index or 0)["sms"])
@@ -38,7 +47,7 @@ def _cuda(a, a_scale, b, b_scale, out, accumulate):
 
 def _in_kernel_layout(a_scale, b_scale, per_row) -> bool:
     """Whether _cuda would pass the scales to the kernel as they are (no copy)."""
-    return _mn_major(a_scale) is a_scale and ((_mn_major(b_scale) if per_row else b_scale.contiguous()) is b_scale)
+    return _is_mn_major(a_scale) and (_is_mn_major(b_scale) if per_row else b_scale.is_contiguous())
 
 
 def _launch(a, a_scale, b, b_scale, out, accumulate, per_row, sms):
@@ -120,7 +129,7 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out=None, out_dtype=torch.bfloat16, accu
     # In plain eager mode the checks' verdict is cached per argument signature (shapes, strides, dtypes,
     # devices, options and their types), so a repeated call costs a dictionary lookup instead of the checks;
     # with it, whether the CUDA kernel can take the operands as they are (then launched right here).
-    direct = _backend.eager(a, a_scale, b, b_scale) and (out is None or _backend.eager(out))
+    direct = _backend.eager(a, a_scale, b, b_scale, *(() if out is None else (out,)))
     key = plan = None
     if direct:
         try:
@@ -139,11 +148,11 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out=None, out_dtype=torch.bfloat16, accu
             return out
     if plan is None:
         a, a_scale, b, b_scale, out, name = _checked(a, a_scale, b, b_scale, out, out_dtype, accumulate, backend)
-        direct = _backend.eager(a, a_scale, b, b_scale) and (out is None or _backend.eager(out))  # foreign arrays
+        direct = _backend.eager(a, a_scale, b, b_scale, *(() if out is None else (out,)))  # foreign arrays
         if key is not None:
             if len(_PLANS) > 4096:
                 _PLANS.clear()
-            per_row = b_scale.shape[0] == b.shape[0] and b.shape[0] > 1
+            per_row = _per_row(b, b_scale)
             fast = name == "cuda" and direct and _in_kernel_layout(a_scale, b_scale, per_row)
             _PLANS[key] = plan = (name, per_row if fast else None,
                                   _backend.device_properties(a.device.index)["sms"] if fast else None)

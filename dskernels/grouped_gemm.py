@@ -53,9 +53,9 @@ def get_mk_alignment_for_contiguous_layout() -> int:
 def _reference(a, a_scale, b, b_scale, rows, out, masked, hint_m):
     kind = "bf16" if a_scale is None else "fp8"
     if masked:
-        got = _ref.m_grouped_gemm_masked(kind, a, a_scale, b, b_scale, rows.cpu())
-        for g, n in enumerate(rows.tolist()):
-            n = max(0, min(int(n), a.shape[1]))
+        counts = rows.cpu()
+        got = _ref.m_grouped_gemm_masked(kind, a, a_scale, b, b_scale, counts)
+        for g, n in enumerate(counts.clamp(0, a.shape[1]).tolist()):
             out[g, :n] = got[g, :n]
     else:
         got = _ref.m_grouped_gemm_contiguous(kind, a, a_scale, b, b_scale, rows)

@@ -134,11 +134,23 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _metadata_sizes(B, parts):
+    """The int32 counts of the work list's six arrays, in their order (see _metadata_tensors)."""
+    return [3 * (parts + B), B + 1, B, B, B, 2]
+
+
+def _launch_schedule(cache_seqlens, block_table, num_pages, s_q, parts, md_ptrs):
+    """The work list's one launch, on the current device, into the six arrays at md_ptrs."""
+    B, max_pages = block_table.shape
+    _backend._C.mla_decode_schedule(cache_seqlens.data_ptr(), block_table.data_ptr(), block_table.stride(0), B,
+                                    max_pages, num_pages, s_q, parts, *md_ptrs, _backend.stream(block_table))
+
+
 def _metadata_tensors(B, parts, device, shared=False):
     """items [parts + B, 3], item_offsets [B + 1], bad, cache_seqlens, table_hash [B] and error [2], int32.
     shared: views of one allocation (one allocator call and one split instead of six: host time), for
     eager calls; a custom op's outputs may not alias each other."""
-    sizes = [3 * (parts + B), B + 1, B, B, B, 2]
+    sizes = _metadata_sizes(B, parts)
     if not shared:
         return (_backend.empty((parts + B, 3), torch.int32, device),
                 *(_backend.empty((n,), torch.int32, device) for n in sizes[1:]))
@@ -147,12 +159,9 @@ def _metadata_tensors(B, parts, device, shared=False):
 
 
 def _cuda_schedule(cache_seqlens, block_table, num_pages, s_q, parts, shared):
-    B, max_pages = block_table.shape
-    out = _metadata_tensors(B, parts, block_table.device, shared)
+    out = _metadata_tensors(block_table.shape[0], parts, block_table.device, shared)
     with _backend.on_device(block_table):
-        _backend._C.mla_decode_schedule(cache_seqlens.data_ptr(), block_table.data_ptr(), block_table.stride(0), B,
-                                        max_pages, num_pages, s_q, parts, *(t.data_ptr() for t in out),
-                                        _backend.stream(block_table))
+        _launch_schedule(cache_seqlens, block_table, num_pages, s_q, parts, [t.data_ptr() for t in out])
     return out
 
 
@@ -300,7 +309,7 @@ def _cuda_decode_default(q, cache, block_table, cache_seqlens, scale, causal):
     B, s_q, H, _ = q.shape
     parts = num_parts(q.device, s_q * H)
     n_items = parts + B
-    sizes = (3 * n_items, B + 1, B, B, B, 2)  # as _metadata_tensors lays them out
+    sizes = _metadata_sizes(B, parts)
     ws, o_part, lse_part, p = _workspace(q, n_items, sum(sizes))
     md_ptrs = []
     for n in sizes:
@@ -309,9 +318,7 @@ def _cuda_decode_default(q, cache, block_table, cache_seqlens, scale, causal):
     out = _backend.empty((B, s_q, H, KV_LORA_RANK), q.dtype, q.device)
     lse = _backend.empty((B, H, s_q), torch.float32, q.device)
     with _backend.on_device(q):
-        _backend._C.mla_decode_schedule(cache_seqlens.data_ptr(), block_table.data_ptr(), block_table.stride(0), B,
-                                        block_table.shape[1], cache.shape[0], s_q, parts, *md_ptrs,
-                                        _backend.stream(q))
+        _launch_schedule(cache_seqlens, block_table, cache.shape[0], s_q, parts, md_ptrs)
         _launch_decode(q, cache, block_table, cache_seqlens, scale, causal, n_items, md_ptrs, o_part, lse_part, out,
                        lse)
     return out, lse
@@ -400,8 +407,8 @@ def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale: float, causa
     "auto" (CUDA where it runs, else Triton)."""
     # In plain eager mode the checks' verdict is cached per argument signature (as fp8_gemm does).
     md = metadata
-    direct = _backend.eager(q, cache, block_table, cache_seqlens) and (
-        md is None or (isinstance(md, MlaMetadata) and _backend.eager(*md[:6])))
+    direct = (md is None or isinstance(md, MlaMetadata)) and \
+        _backend.eager(q, cache, block_table, cache_seqlens, *(() if md is None else md[:6]))
     key = plan = None
     if direct:
         try:
@@ -421,7 +428,7 @@ def mla_decode(q, cache, block_table, cache_seqlens, softmax_scale: float, causa
             if len(_DECODE_PLANS) > 4096:
                 _DECODE_PLANS.clear()
             _DECODE_PLANS[key] = plan
-        direct = _backend.eager(q, cache, block_table, cache_seqlens) and (md is None or _backend.eager(*md[:6]))
+        direct = _backend.eager(q, cache, block_table, cache_seqlens, *(() if md is None else md[:6]))
     scale, name = plan
     if md is None and direct and name == "cuda":
         return _cuda_decode_default(q, cache, block_table, cache_seqlens, scale, causal)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-ALIGNMENT = 128
+from dskernels.reference.grouped_gemm import ALIGNMENT  # the grouped GEMMs' segment alignment
 
 
 def _stable_topk(x: torch.Tensor, k: int):

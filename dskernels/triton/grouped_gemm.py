@@ -11,9 +11,10 @@ gradient (_k_grouped_kernel) reduces each group's token segment, read from k_off
 import triton
 import triton.language as tl
 
+from dskernels.reference import grouped_gemm as _ref
 from dskernels.triton.common import EMULATE_CASTS, dot_bf16, swizzled_tile, to_bf16
 
-ALIGNMENT = tl.constexpr(128)  # (a constexpr: compiled kernels read no other globals)
+ALIGNMENT = tl.constexpr(_ref.ALIGNMENT)  # (a constexpr: compiled kernels read no other globals)
 
 
 def _configs():
