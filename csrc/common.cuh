@@ -55,11 +55,9 @@ __device__ __forceinline__ float scale_from_amax(float amax, bool pow2) {
   return scale;
 }
 
-// Clamp to the E4M3 range (NaN kept: fminf/fmaxf would turn it into a number) and round to nearest
-// even; two values at a time, packed in the low 16 bits.
+// Round to nearest even, two values at a time, packed in the low 16 bits. cvt's .satfinite is the
+// reference's clamp to +-448 (an infinity included) and keeps a NaN a NaN, so no clamp precedes it.
 __device__ __forceinline__ uint16_t to_e4m3x2(float a, float b) {
-  a = isnan(a) ? a : fminf(fmaxf(a, -kFp8Max), kFp8Max);
-  b = isnan(b) ? b : fminf(fmaxf(b, -kFp8Max), kFp8Max);
   return __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
 }
 

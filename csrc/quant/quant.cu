@@ -17,18 +17,23 @@ bool aligned16(const void* p, int64_t ld) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0 && (ld * sizeof(T)) % 16 == 0;
 }
 
-// Quantize 8 values with a tile's inverse scale and store them as 8 bytes (or byte by byte at a tail).
-__device__ __forceinline__ void store8_e4m3(uint8_t* q, const float (&v)[8], float inv, int n,
-                                            bool vec) {
-  uint16_t p[4];
+// Quantize kN values with a tile's inverse scale and store them as kN bytes (or byte by byte at a tail).
+template <int kN>
+__device__ __forceinline__ void store_e4m3(uint8_t* q, const float (&v)[kN], float inv, int n, bool vec) {
+  uint16_t p[kN / 2];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) p[i] = to_e4m3x2(v[2 * i] * inv, v[2 * i + 1] * inv);
+  for (int i = 0; i < kN / 2; ++i) p[i] = to_e4m3x2(v[2 * i] * inv, v[2 * i + 1] * inv);
   if (vec) {
-    *reinterpret_cast<uint2*>(q) = make_uint2(p[0] | (uint32_t(p[1]) << 16),
-                                              p[2] | (uint32_t(p[3]) << 16));
+    uint32_t w[kN / 4];
+#pragma unroll
+    for (int i = 0; i < kN / 4; ++i) w[i] = p[2 * i] | (uint32_t(p[2 * i + 1]) << 16);
+    if constexpr (kN == 8)
+      *reinterpret_cast<uint2*>(q) = make_uint2(w[0], w[1]);
+    else
+      *reinterpret_cast<uint32_t*>(q) = w[0];
   } else {
 #pragma unroll
-    for (int i = 0; i < 8; ++i)
+    for (int i = 0; i < kN; ++i)
       if (i < n) q[i] = uint8_t(p[i / 2] >> (8 * (i % 2)));
   }
 }
@@ -60,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) quant_groups_kernel(
   for (int off = kLanesPerGroup / 2; off > 0; off /= 2)
     amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
   const float scale = scale_from_amax(amax, pow2);
-  if (n > 0) store8_e4m3(q + r * ld_q + c, v, 1.0f / scale, n, vec);
+  if (n > 0) store_e4m3<8>(q + r * ld_q + c, v, 1.0f / scale, n, vec);
   if (valid && lane == 0) s[r * s_r + g * s_g] = scale;
 }
 
@@ -73,63 +78,111 @@ __global__ void __launch_bounds__(kThreads) quant_groups_kernel(
 // optionally zero-padded along its contiguous dim (columns K .. K_out - 1 of q and M .. M_out - 1 of q_t
 // are zero; each pad is below 128, so no scale changes).
 //
-// A CTA owns a 128 (M) x 128 (K) tile. Phase 1: 16 lanes per row group of 128, 16 rows per pass, 8
-// passes, with every pass's 16-byte loads issued before the first is used (kAhead; fp32, twice the
-// registers per pass, in two halves of 4 passes: the kernel needs many bytes in flight, and phase 2
-// issues no loads); each row group is quantized from
-// registers (kBoth), and the raw input values are staged in shared memory in the input type (exact).
-// (kBlock: the CTA's amax, then the rows quantized from the staged tile.) Phase 2: each warp quantizes
-// whole columns; lane l reads rows l, l + 32, l + 64 and l + 96, which the staging's odd number of
-// 4-byte words per row puts in 32 different banks (2-byte types read two columns per word), and stores
-// their bytes (each store instruction covers 32 consecutive bytes).
+// A CTA owns a 128 (M) x 128 (K) tile; each element costs few instructions, so that the kernel is bound
+// by its loads in flight rather than by issue (the kernel it replaces, 16 lanes per row group and one
+// byte per store, ran at 77 % of the SM's issue rate and 44 % of DRAM on 16384 x 7168).
+// Phase 1: a lane owns 4 of a row's 16-byte chunks (4 lanes per row for 2-byte types, 8 for fp32), every
+// chunk of the tile loaded before the first is used; a row group's amax is a max over packed pairs
+// (__hmax2: exact, NaN skipped as fmaxf does) and 1 or 2 shuffles; q is quantized from registers
+// (kBoth, or kBlock after the CTA's amax), and the raw chunks are staged in shared memory (exact; rows
+// padded so that each 8-lane phase of a 16-byte store hits 32 distinct banks).
+// Phase 2: a lane owns one 4-byte word column (2 columns of a 2-byte type) over 32 or 64 consecutive
+// rows, read without conflicts (a warp reads 32 consecutive words of a row); the column amax is
+// combined over the warps that split the rows through shared memory, and the column's bytes leave as
+// 16-byte stores along q_t's rows.
 template <typename T>
-struct Raw8 {
-  alignas(16) T e[8];
+struct TileWork {
+  static constexpr int kElems = 16 / int(sizeof(T));                      // elements per 16-byte chunk
+  static constexpr int kLanesPerRow = kBlock / kElems / 4;                // each lane loads 4 chunks
+  static constexpr int kRowsPerPass = kThreads / kLanesPerRow;
+  static constexpr int kPasses = kBlock / kRowsPerPass;
+  static constexpr int kRowBytes = kBlock * int(sizeof(T)) + (16 * kLanesPerRow) % 128;  // staged row
+  static constexpr int kWords = kBlock * int(sizeof(T)) / 4;              // 4-byte words per row
+  static constexpr int kColGroups = kWords / 32;                          // warps across the words
+  static constexpr int kParts = kThreads / 32 / kColGroups;               // warps down the rows
+  static constexpr int kRowsPerLane = kBlock / kParts;
+  static constexpr int kCols = 4 / int(sizeof(T));                        // columns per word
+  static constexpr int kSmem = kBlock * kRowBytes;
 };
 
 template <typename T>
-__device__ __forceinline__ void load_raw8(const T* p, int n, bool vec, Raw8<T>& r) {
-  if (vec) {
-    if constexpr (sizeof(T) == 4) {
-      reinterpret_cast<float4*>(r.e)[0] = __ldg(reinterpret_cast<const float4*>(p));
-      reinterpret_cast<float4*>(r.e)[1] = __ldg(reinterpret_cast<const float4*>(p) + 1);
-    } else {
-      *reinterpret_cast<uint4*>(r.e) = __ldg(reinterpret_cast<const uint4*>(p));
-    }
-  } else {
+struct RawChunk {
+  alignas(16) T e[16 / sizeof(T)];
+};
+
+// One 16-byte chunk of T from p: one load, or element by element (n of them, zeros after).
+template <typename T>
+__device__ __forceinline__ uint4 load_chunk(const T* p, int n, bool vec) {
+  if (vec) return __ldg(reinterpret_cast<const uint4*>(p));
+  RawChunk<T> r;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) r.e[i] = i < n ? p[i] : static_cast<T>(0.0f);
+  for (int i = 0; i < 16 / int(sizeof(T)); ++i) r.e[i] = i < n ? p[i] : static_cast<T>(0.0f);
+  return *reinterpret_cast<const uint4*>(r.e);
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& c, int i) { return i == 0 ? c.x : i == 1 ? c.y : i == 2 ? c.z : c.w; }
+
+// Element cc of a 4-byte word of T, as fp32 (exact).
+template <typename T>
+__device__ __forceinline__ float word_elem(uint32_t w, int cc) {
+  if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(w);
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __uint_as_float(cc == 0 ? w << 16 : w & 0xFFFF0000u);
+  } else {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> (16 * cc))));
   }
 }
 
+// acc = max(acc, |w|) per element of the word (acc holds magnitudes, starting at +0).
 template <typename T>
-__host__ __device__ constexpr int stage_stride() {  // elements per staged row: an odd number of 4-byte words
-  return sizeof(T) == 2 ? kBlock + 2 : kBlock + 1;
+__device__ __forceinline__ uint32_t absmax_word(uint32_t acc, uint32_t w) {
+  if constexpr (sizeof(T) == 4) {
+    return __float_as_uint(fmaxf(__uint_as_float(acc), fabsf(__uint_as_float(w))));
+  } else {
+    using T2 = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, __nv_bfloat162, __half2>;
+    const T2 m = __hmax2(*reinterpret_cast<const T2*>(&acc), __habs2(*reinterpret_cast<const T2*>(&w)));
+    return *reinterpret_cast<const uint32_t*>(&m);
+  }
 }
 
+// The max over the elements of an absmax_word accumulator (cc < 0), or of element cc alone.
 template <typename T>
-__host__ __device__ constexpr int cols_smem_bytes() { return kBlock * stage_stride<T>() * int(sizeof(T)); }
-
-// One column held as rows lane + 32j (j < 4) of a 128-row group, quantized with `inv` (1 / its scale) into
-// dst[m] for row m of the group, m < n (each store instruction covers 32 consecutive bytes).
-__device__ __forceinline__ void store_column(const float (&v)[4], int lane, uint8_t* dst, int n, float inv) {
-  const uint32_t packed = to_e4m3x2(v[0] * inv, v[1] * inv) | (uint32_t(to_e4m3x2(v[2] * inv, v[3] * inv)) << 16);
-#pragma unroll
-  for (int j = 0; j < 4; ++j)
-    if (lane + 32 * j < n) dst[lane + 32 * j] = uint8_t(packed >> (8 * j));
+__device__ __forceinline__ float absmax_of(uint32_t acc, int cc = -1) {
+  if constexpr (sizeof(T) == 4) return __uint_as_float(acc);
+  if (cc >= 0) return word_elem<T>(acc, cc);
+  return fmaxf(word_elem<T>(acc, 0), word_elem<T>(acc, 1));
 }
 
-// The same column quantized as its own 128 x 1 group: its scale from its amax (stored by lane 0).
-__device__ __forceinline__ void quant_column(const float (&v)[4], int lane, uint8_t* dst, int n, float* scale_dst,
-                                             bool pow2) {
-  float amax = 0.0f;
+// A chunk quantized with `inv` into dst: 8 or 4 bytes, one store when `vec`, else the first n bytes.
+template <typename T>
+__device__ __forceinline__ void quant_chunk(const uint4& c, float inv, uint8_t* dst, int n, bool vec) {
+  constexpr int kE = 16 / int(sizeof(T));
+  float v[kE];
 #pragma unroll
-  for (int j = 0; j < 4; ++j) amax = fmaxf(amax, fabsf(v[j]));
+  for (int i = 0; i < kE; ++i) v[i] = word_elem<T>(word_of(c, i * int(sizeof(T)) / 4), i % (4 / int(sizeof(T))));
+  store_e4m3<kE>(dst, v, inv, n, vec);
+}
+
+// kN bytes (packed 4 to a word) to dst: whole-word stores as wide as `align` (the alignment of dst's every
+// row) allows when all n >= kN of them fit, else the first n bytes one by one.
+template <int kN>
+__device__ __forceinline__ void store_bytes(uint8_t* dst, const uint32_t (&w)[kN / 4], int n, int align) {
+  if (n >= kN && align >= 16) {
 #pragma unroll
-  for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  const float scale = scale_from_amax(amax, pow2);
-  store_column(v, lane, dst, n, 1.0f / scale);
-  if (lane == 0) *scale_dst = scale;
+    for (int i = 0; i < kN / 16; ++i)
+      reinterpret_cast<uint4*>(dst)[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+  } else if (n >= kN && align >= 8) {
+#pragma unroll
+    for (int i = 0; i < kN / 8; ++i) reinterpret_cast<uint2*>(dst)[i] = make_uint2(w[2 * i], w[2 * i + 1]);
+  } else if (n >= kN && align >= 4) {
+#pragma unroll
+    for (int i = 0; i < kN / 4; ++i) reinterpret_cast<uint32_t*>(dst)[i] = w[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < kN; ++i)
+      if (i < n) dst[i] = uint8_t(w[i / 4] >> (8 * (i % 4)));
+  }
 }
 
 // What quant_tile_kernel writes besides q_t (see above): nothing (the transposed op), q with 1 x 128
@@ -141,109 +194,114 @@ template <typename T, TileMode kMode>
 __global__ void __launch_bounds__(kThreads) quant_tile_kernel(
     const T* __restrict__ x, int M, int K, int64_t ld_x, uint8_t* __restrict__ q, int64_t ld_q, int K_out,
     float* __restrict__ s, int64_t s_r, int64_t s_g, uint8_t* __restrict__ q_t, int64_t ld_qt, int M_out,
-    float* __restrict__ st, int64_t st_r, int64_t st_g, bool pow2, bool vec_in, bool vec_q) {
-  constexpr int S = stage_stride<T>();
-  constexpr int kPasses = kBlock / kGroupsPerCta;
-  constexpr int kAhead = sizeof(T) == 2 ? kPasses : kPasses / 2;  // 16-byte loads in flight per thread
-  extern __shared__ __align__(16) uint8_t tile_smem[];
-  T* tile = reinterpret_cast<T*>(tile_smem);  // [kBlock][S]
-  __shared__ float warp_amax[kThreads / 32];  // kBlock: the block's amax, per warp
+    float* __restrict__ st, int64_t st_r, int64_t st_g, bool pow2, bool vec_in, bool vec_q, int qt_align) {
+  using W = TileWork<T>;
+  constexpr int kL = W::kLanesPerRow, kE = W::kElems;
+  extern __shared__ __align__(16) uint8_t tile_smem[];  // [kBlock][kRowBytes]: the raw tile
+  __shared__ uint32_t part_amax[W::kParts][W::kWords];  // phase 2: each row part's column amax
+  __shared__ float warp_amax[kThreads / 32];            // kBlock: the block's amax, per warp
   const int m0 = blockIdx.y * kBlock, k0 = blockIdx.x * kBlock;
-  const int lane16 = threadIdx.x % kLanesPerGroup, row0 = threadIdx.x / kLanesPerGroup;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int cl = lane16 * 8, c = k0 + cl;
-  const int n_in = K - c, n_out = K_out - c;  // elements of x / of q's row from c on (may be <= 0)
-  float block_amax = 0.0f;
+
+  // Phase 1. Rows past M and columns past K load as zeros.
+  const int lane_r = threadIdx.x % kL, row = threadIdx.x / kL;
+  uint4 raw[W::kPasses][4];
 #pragma unroll
-  for (int p0 = 0; p0 < kPasses; p0 += kAhead) {
-    Raw8<T> raw[kAhead];
+  for (int p = 0; p < W::kPasses; ++p) {
+    const int m = m0 + row + p * W::kRowsPerPass;
 #pragma unroll
-    for (int i = 0; i < kAhead; ++i) {  // rows past M (and columns past K) load as zeros
-      const int m = m0 + row0 + (p0 + i) * kGroupsPerCta;
-      const bool row = m < M;
-      load_raw8(x + int64_t(row ? m : 0) * ld_x + c, row ? n_in : 0, vec_in && row && n_in >= 8, raw[i]);
+    for (int j = 0; j < 4; ++j) {
+      const int c = k0 + (lane_r + kL * j) * kE, n = m < M ? K - c : 0;
+      raw[p][j] = load_chunk(x + int64_t(m < M ? m : 0) * ld_x + c, n, vec_in && n >= kE);
     }
+  }
+  uint32_t block_acc = 0;
 #pragma unroll
-    for (int i = 0; i < kAhead; ++i) {
-      const int rr = row0 + (p0 + i) * kGroupsPerCta, m = m0 + rr;
-      float v[8], amax = 0.0f;
+  for (int p = 0; p < W::kPasses; ++p) {
+    const int rr = row + p * W::kRowsPerPass, m = m0 + rr;
+    uint32_t acc = 0;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        v[e] = to_float(raw[i].e[e]);
-        amax = fmaxf(amax, fabsf(v[e]));  // fmaxf skips NaN, as specified
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc = absmax_word<T>(acc, word_of(raw[p][j], i));
+      *reinterpret_cast<uint4*>(tile_smem + rr * W::kRowBytes + (lane_r + kL * j) * 16) = raw[p][j];
+    }
+    block_acc = absmax_word<T>(block_acc, acc);
+    if constexpr (kMode == TileMode::kBoth) {
+      float amax = absmax_of<T>(acc);
+#pragma unroll
+      for (int off = kL / 2; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+      const float scale = scale_from_amax(amax, pow2), inv = 1.0f / scale;
+      if (m < M) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int c = k0 + (lane_r + kL * j) * kE, n = K_out - c;
+          if (n > 0) quant_chunk<T>(raw[p][j], inv, q + int64_t(m) * ld_q + c, n, vec_q && n >= kE);
+        }
+        if (lane_r == 0) s[int64_t(m) * s_r + blockIdx.x * s_g] = scale;
       }
-      if constexpr (kMode == TileMode::kBoth) {
-#pragma unroll
-        for (int off = kLanesPerGroup / 2; off > 0; off /= 2)
-          amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        const float scale = scale_from_amax(amax, pow2);
-        if (m < M && n_out > 0) store8_e4m3(q + int64_t(m) * ld_q + c, v, 1.0f / scale, n_out, vec_q && n_out >= 8);
-        if (m < M && lane16 == 0) s[int64_t(m) * s_r + blockIdx.x * s_g] = scale;
-      }
-      block_amax = fmaxf(block_amax, amax);
-      // Row rr starts 4-byte aligned (S * sizeof(T) is a multiple of 4), not 16-byte aligned.
-      uint32_t* dst = reinterpret_cast<uint32_t*>(tile + rr * S + cl);
-#pragma unroll
-      for (int w = 0; w < int(8 * sizeof(T) / 4); ++w) dst[w] = reinterpret_cast<const uint32_t*>(raw[i].e)[w];
     }
   }
   float block_inv = 0.0f;
   if constexpr (kMode == TileMode::kBlock) {
+    float amax = absmax_of<T>(block_acc);
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) block_amax = fmaxf(block_amax, __shfl_xor_sync(0xffffffffu, block_amax, off));
-    if (lane == 0) warp_amax[warp] = block_amax;
-  }
-  __syncthreads();
-  if constexpr (kMode == TileMode::kBlock) {
+    for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    if (lane == 0) warp_amax[warp] = amax;
+    __syncthreads();
 #pragma unroll
-    for (int i = 0; i < kThreads / 32; ++i) block_amax = fmaxf(block_amax, warp_amax[i]);
-    const float scale = scale_from_amax(block_amax, pow2);
+    for (int i = 0; i < kThreads / 32; ++i) amax = fmaxf(amax, warp_amax[i]);
+    const float scale = scale_from_amax(amax, pow2);
     block_inv = 1.0f / scale;
     if (threadIdx.x == 0) {
       s[blockIdx.y * s_r + blockIdx.x * s_g] = scale;
       st[blockIdx.x * st_r + blockIdx.y * st_g] = scale;
     }
-    // The rows, from the staged tile, with the block's scale.
 #pragma unroll
-    for (int p = 0; p < kPasses; ++p) {
-      const int rr = row0 + p * kGroupsPerCta, m = m0 + rr;
-      if (m >= M || n_out <= 0) continue;
-      Raw8<T> raw;
+    for (int p = 0; p < W::kPasses; ++p) {
+      const int m = m0 + row + p * W::kRowsPerPass;
+      if (m >= M) continue;
 #pragma unroll
-      for (int w = 0; w < int(8 * sizeof(T) / 4); ++w)
-        reinterpret_cast<uint32_t*>(raw.e)[w] = reinterpret_cast<const uint32_t*>(tile + rr * S + cl)[w];
-      float v[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] = to_float(raw.e[e]);
-      store8_e4m3(q + int64_t(m) * ld_q + c, v, block_inv, n_out, vec_q && n_out >= 8);
-    }
-  }
-
-  constexpr int kCols = sizeof(T) == 2 ? 2 : 1;  // columns per 4-byte word
-  for (int kk = kCols * warp; kk < kBlock; kk += kCols * (kThreads / 32)) {
-    const int k = k0 + kk;
-    if (k >= K) break;
-    float v[kCols][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if constexpr (kCols == 2) {  // one 4-byte word: columns kk and kk + 1 (kk even)
-        const uint32_t w = *reinterpret_cast<const uint32_t*>(tile + (lane + 32 * j) * S + kk);
-        const T* pair = reinterpret_cast<const T*>(&w);
-        v[0][j] = to_float(pair[0]);
-        v[1][j] = to_float(pair[1]);
-      } else {
-        v[0][j] = tile[(lane + 32 * j) * S + kk];
+      for (int j = 0; j < 4; ++j) {
+        const int c = k0 + (lane_r + kL * j) * kE, n = K_out - c;
+        if (n > 0) quant_chunk<T>(raw[p][j], block_inv, q + int64_t(m) * ld_q + c, n, vec_q && n >= kE);
       }
     }
+  } else {
+    __syncthreads();
+  }
+
+  // Phase 2: word column wc, rows r0 .. r0 + kRowsPerLane - 1.
+  constexpr int kR = W::kRowsPerLane;
+  const int wc = (warp % W::kColGroups) * 32 + lane, part = warp / W::kColGroups, r0 = part * kR;
+  uint32_t col[kR];
 #pragma unroll
-    for (int cc = 0; cc < kCols; ++cc) {
-      if (k + cc >= K) continue;
-      uint8_t* dst = q_t + int64_t(k + cc) * ld_qt + m0;
-      if constexpr (kMode == TileMode::kBlock)
-        store_column(v[cc], lane, dst, M_out - m0, block_inv);
-      else
-        quant_column(v[cc], lane, dst, M_out - m0, st + int64_t(k + cc) * st_r + blockIdx.y * st_g, pow2);
+  for (int i = 0; i < kR; ++i) col[i] = *reinterpret_cast<const uint32_t*>(tile_smem + (r0 + i) * W::kRowBytes + wc * 4);
+  uint32_t acc = 0;
+  if constexpr (kMode != TileMode::kBlock) {
+#pragma unroll
+    for (int i = 0; i < kR; ++i) acc = absmax_word<T>(acc, col[i]);
+    part_amax[part][wc] = acc;
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < W::kParts; ++i) acc = absmax_word<T>(acc, part_amax[i][wc]);
+  }
+#pragma unroll
+  for (int cc = 0; cc < W::kCols; ++cc) {
+    const int k = k0 + wc * W::kCols + cc;
+    if (k >= K) continue;
+    float inv = block_inv;
+    if constexpr (kMode != TileMode::kBlock) {
+      const float scale = scale_from_amax(absmax_of<T>(acc, cc), pow2);
+      inv = 1.0f / scale;
+      if (part == 0) st[int64_t(k) * st_r + blockIdx.y * st_g] = scale;
     }
+    uint32_t out[kR / 4];
+#pragma unroll
+    for (int i = 0; i < kR / 4; ++i)
+      out[i] = to_e4m3x2(word_elem<T>(col[4 * i], cc) * inv, word_elem<T>(col[4 * i + 1], cc) * inv) |
+               uint32_t(to_e4m3x2(word_elem<T>(col[4 * i + 2], cc) * inv, word_elem<T>(col[4 * i + 3], cc) * inv)) << 16;
+    store_bytes<kR>(q_t + int64_t(k) * ld_qt + m0 + r0, out, M_out - m0 - r0, qt_align);
   }
 }
 
@@ -277,7 +335,7 @@ __global__ void __launch_bounds__(kThreads) quant_blocks_kernel(
 #pragma unroll
   for (int p = 0; p < kPasses; ++p) {
     const int r = blockIdx.y * kBlock + row0 + p * kGroupsPerCta;
-    if (r < N && n > 0) store8_e4m3(q + int64_t(r) * ld_q + c, v[p], inv, n, vec);
+    if (r < N && n > 0) store_e4m3<8>(q + int64_t(r) * ld_q + c, v[p], inv, n, vec);
   }
   if (threadIdx.x == 0) s[blockIdx.y * s_r + blockIdx.x * s_g] = scale;
 }
@@ -360,10 +418,13 @@ void launch_tiles(const char* what, const void* x, DType x_dtype, int M, int K, 
   int device = 0;
   check_cuda(cudaGetDevice(&device), what);
   const dim3 grid(cdiv(K, kBlock), cdiv(M, kBlock));
-  const bool vec_q = reinterpret_cast<uintptr_t>(q) % 8 == 0 && ld_q % 8 == 0;
+  // The widest store (16, 8, 4 bytes, else 1) that every row of q_t takes at a multiple of 16 bytes.
+  int qt_align = 16;
+  while (qt_align > 1 && (reinterpret_cast<uintptr_t>(q_t) % qt_align != 0 || ld_qt % qt_align != 0)) qt_align /= 2;
   dispatch_input(x_dtype, [&](auto tag) {
     using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    constexpr int smem = cols_smem_bytes<T>();
+    constexpr int smem = TileWork<T>::kSmem, chunk_bytes = TileWork<T>::kElems;
+    const bool vec_q = reinterpret_cast<uintptr_t>(q) % chunk_bytes == 0 && ld_q % chunk_bytes == 0;
     auto kernel = quant_tile_kernel<T, kMode>;
     if constexpr (smem > 48 * 1024) {  // above the default limit: opted into once per device
       static std::atomic<uint64_t> opted{0};
@@ -375,7 +436,7 @@ void launch_tiles(const char* what, const void* x, DType x_dtype, int M, int K, 
     }
     kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), M, K, ld_x, static_cast<uint8_t*>(q), ld_q,
                                              K_out, s, s_r, s_g, static_cast<uint8_t*>(q_t), ld_qt, M_out, st, st_r,
-                                             st_g, pow2, aligned16<T>(x, ld_x), vec_q);
+                                             st_g, pow2, aligned16<T>(x, ld_x), vec_q, qt_align);
   });
   check_launch(what);
 }

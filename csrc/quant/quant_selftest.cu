@@ -75,6 +75,17 @@ struct Input {
   std::vector<uint8_t> raw;      // their bytes in dtype
 };
 
+// With g_specials set, make_input plants NaN, +Inf and -Inf in some rows (a NaN must stay in its element, an
+// infinity makes its tile's scale infinite and the tile's bytes NaN or 0).
+bool g_specials = false;
+
+float special_at(int r, int c, int cols, float v) {
+  if (r % 3 == 0 && c == (r * 37) % cols) return std::nanf("");
+  if (r % 5 == 1 && c == (r * 11 + 3) % cols) return INFINITY;
+  if (r % 7 == 2 && c == (r * 13 + 1) % cols) return -INFINITY;
+  return v;
+}
+
 // Rows of normal values whose magnitude varies by 10^+-2 per row, with exact zeros mixed in.
 Input make_input(int rows, int cols, DType dtype, std::mt19937& rng) {
   std::normal_distribution<float> normal;
@@ -87,6 +98,7 @@ Input make_input(int rows, int cols, DType dtype, std::mt19937& rng) {
     for (int c = 0; c < cols; ++c) {
       const size_t i = size_t(r) * cols + c;
       float v = (rng() % 20 == 0) ? 0.0f : normal(rng) * mag;
+      if (g_specials) v = special_at(r, c, cols, v);
       if (dtype == DType::kBFloat16) {
         const __nv_bfloat16 h = __float2bfloat16_rn(v);
         v = __bfloat162float(h);
@@ -108,12 +120,21 @@ const char* dtype_name(DType d) { return d == DType::kFloat32 ? "fp32" : d == DT
 
 int g_failures = 0, g_cases = 0;
 
+// e4m3 bytes equal, a NaN (0x7F or 0xFF: the host's conversion and the device's may differ in its sign)
+// matching any NaN.
+bool same_e4m3(const std::vector<uint8_t>& got, const std::vector<uint8_t>& want) {
+  if (got.size() != want.size()) return false;
+  for (size_t i = 0; i < got.size(); ++i)
+    if (got[i] != want[i] && !((got[i] & 0x7F) == 0x7F && (want[i] & 0x7F) == 0x7F)) return false;
+  return true;
+}
+
 void report(bool ok, const char* what, int rows, int cols, DType dtype, bool pow2, bool mn_major, const char* why) {
   ++g_cases;
   if (ok) return;
   ++g_failures;
-  std::printf("FAIL %s rows=%d cols=%d %s pow2=%d scales=%s: %s\n", what, rows, cols, dtype_name(dtype), int(pow2),
-              mn_major ? "mn-major" : "row-major", why);
+  std::printf("FAIL %s%s rows=%d cols=%d %s pow2=%d scales=%s: %s\n", what, g_specials ? " (NaN/Inf)" : "", rows,
+              cols, dtype_name(dtype), int(pow2), mn_major ? "mn-major" : "row-major", why);
 }
 
 // Quantize the [R, C] matrix whose element (r, c) is at(r, c), tiles of tile_r x 128: the reference
@@ -175,7 +196,7 @@ void check_quant(const char* what, int M, int K, DType dtype, bool pow2, bool mn
   bool guard_q, guard_s;
   const std::vector<uint8_t> got_q = q.host(&guard_q), got_s = s.host(&guard_s);
   const char* why = !guard_q || !guard_s        ? "wrote past the end"
-                    : got_q != want_q           ? "e4m3 bytes differ"
+                    : !same_e4m3(got_q, want_q)  ? "e4m3 bytes differ"
                     : !same_scales(got_s, want_s, tr, tc, s_r, s_g) ? "scales differ"
                                                  : nullptr;
   report(why == nullptr, what, M, K, dtype, pow2, mn_major, why);
@@ -207,8 +228,8 @@ void check_both(int M, int K, DType dtype, bool pow2, bool pad, std::mt19937& rn
   const std::vector<uint8_t> got_q = q.host(&guards[0]), got_s = sc.host(&guards[1]), got_qt = qt.host(&guards[2]),
                              got_st = st.host(&guards[3]);
   const char* why = !(guards[0] && guards[1] && guards[2] && guards[3]) ? "wrote past the end"
-                    : got_q != widen(want_q, M, K, K_out)               ? "row-wise bytes differ"
-                    : got_qt != widen(want_qt, K, M, M_out)             ? "transposed bytes differ"
+                    : !same_e4m3(got_q, widen(want_q, M, K, K_out))   ? "row-wise bytes differ"
+                    : !same_e4m3(got_qt, widen(want_qt, K, M, M_out)) ? "transposed bytes differ"
                     : !same_scales(got_s, want_s, M, kb, 1, ld_s)       ? "row-wise scales differ"
                     : !same_scales(got_st, want_st, K, mb, 1, ld_st)    ? "transposed scales differ"
                                                                         : nullptr;
@@ -244,8 +265,8 @@ void check_blocks_both(int N, int K, DType dtype, bool pow2, bool pad, std::mt19
       same_st = same_st && std::memcmp(&got, &want_s[size_t(i) * kb + j], 4) == 0;
     }
   const char* why = !(guards[0] && guards[1] && guards[2] && guards[3]) ? "wrote past the end"
-                    : got_q != want_q                                   ? "block bytes differ"
-                    : got_qt != want_qt                                 ? "transposed bytes differ"
+                    : !same_e4m3(got_q, want_q)                        ? "block bytes differ"
+                    : !same_e4m3(got_qt, want_qt)                      ? "transposed bytes differ"
                     : !same_scales(got_s, want_s, nb, kb, kb, 1)        ? "block scales differ"
                     : !same_st                                          ? "transposed scales differ"
                                                                         : nullptr;
@@ -301,6 +322,21 @@ int main() {  // `quant_selftest sanitize` (ci/gpu.sh) runs these same cases: th
           check_both(sh[0], sh[1], dtype, pow2, pad, rng);
           check_blocks_both(sh[0], sh[1], dtype, pow2, pad, rng);
         }
+  // More tiles than the GPU holds CTAs at once (132 SMs x 1 or 2): the tile kernels' persistent loop and
+  // its double buffer.
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    check_quant("transposed", 4100, 1100, dtype, false, true, rng);
+    check_both(4100, 1100, dtype, false, true, rng);
+    check_blocks_both(4100, 1100, dtype, true, true, rng);
+  }
+  g_specials = true;
+  for (const auto& sh : shapes)
+    for (DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
+      for (const char* what : {"groups", "transposed", "blocks"}) check_quant(what, sh[0], sh[1], dtype, false, true, rng);
+      check_both(sh[0], sh[1], dtype, true, true, rng);
+      check_blocks_both(sh[0], sh[1], dtype, false, true, rng);
+    }
+  g_specials = false;
   for (const auto& sh : shapes)
     for (int block_rows : {1, 128})
       for (DType out_dtype : {DType::kFloat32, DType::kBFloat16}) check_dequant(sh[0], sh[1], block_rows, out_dtype, rng);
