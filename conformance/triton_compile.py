@@ -40,22 +40,24 @@ def kernels():
                    {"B_PER_ROW": per_row, "ACCUMULATE": acc, "EMULATE": False, **cfg.kwargs},
                    {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     grouped_sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
-                   "rows_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "G": "i32", "M_KEY": "i32",
+                   "rows_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "G": "i32",
                    "stride_sa_g": "i32", "stride_sa_m": "i32", "stride_sa_k": "i32"}
     bf16_sig = {**grouped_sig, "a_ptr": "*bf16", "b_ptr": "*bf16", "sa_ptr": "*bf16", "sb_ptr": "*bf16"}
-    for cfg in tgg._grouped_gemm_kernel.configs:
+    def split(cfg):  # a grouped config: (constexprs, compile options)
+        return ({k: v for k, v in cfg.items() if k.isupper()}, {k: v for k, v in cfg.items() if not k.isupper()})
+    for cfg in tgg.CONFIGS:
+        meta, opts = split(cfg)
         for fp8 in (True, False):
             for masked in (False, True):
-                yield (f"{'fp8' if fp8 else 'bf16'}_gemm_grouped({cfg}, masked={masked})", tgg._grouped_gemm_kernel.fn,
+                yield (f"{'fp8' if fp8 else 'bf16'}_gemm_grouped({cfg}, masked={masked})", tgg._grouped_gemm_kernel,
                        grouped_sig if fp8 else bf16_sig,
-                       {"FP8": fp8, "MASKED": masked, "BLOCK_K": 128 if fp8 else 64, "EMULATE": False, **cfg.kwargs},
-                       {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                       {"FP8": fp8, "MASKED": masked, "BLOCK_K": 128 if fp8 else 64, "EMULATE": False, **meta}, opts)
     k_sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "out_ptr": "*fp32", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
-             "off_ptr": "*i32", "M": "i32", "N": "i32", "K_TOTAL": "i32", "K_KEY": "i32", "stride_sa_m": "i32",
+             "off_ptr": "*i32", "M": "i32", "N": "i32", "K_TOTAL": "i32", "stride_sa_m": "i32",
              "stride_sa_k": "i32", "stride_sb_n": "i32", "stride_sb_k": "i32"}
-    for cfg in tgg._k_grouped_kernel.configs:
-        yield (f"fp8_gemm_k_grouped({cfg})", tgg._k_grouped_kernel.fn, k_sig, {"ACCUMULATE": True, **cfg.kwargs},
-               {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    for cfg in tgg.CONFIGS:
+        meta, opts = split(cfg)
+        yield (f"fp8_gemm_k_grouped({cfg})", tgg._k_grouped_kernel, k_sig, {"ACCUMULATE": True, **meta}, opts)
     split_sig = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i32", "seqlens_ptr": "*i32", "items_ptr": "*i32",
                  "offsets_ptr": "*i32", "bad_ptr": "*i32", "made_seqlens_ptr": "*i32", "made_hash_ptr": "*i32",
                  "error_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "lse_out_ptr": "*fp32",

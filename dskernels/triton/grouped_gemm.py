@@ -17,28 +17,30 @@ from dskernels.triton.common import EMULATE_CASTS, dot_bf16, swizzled_tile, to_b
 ALIGNMENT = tl.constexpr(_ref.ALIGNMENT)  # (a constexpr: compiled kernels read no other globals)
 
 
-def _configs():
-    if EMULATE_CASTS:  # the CPU interpreter: one small config
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(64, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 4), (128, 128, 4, 4),
-                                 (128, 256, 8, 3), (64, 256, 8, 4)]]
+_SMALL = dict(BLOCK_M=64, BLOCK_N=128, GROUP_M=8, num_warps=4, num_stages=4)
+_LARGE_FP8 = dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=4)
+_LARGE_BF16 = dict(_LARGE_FP8, num_stages=3)
+CONFIGS = (_SMALL, _LARGE_FP8, _LARGE_BF16)  # every config _config returns on a GPU (the compile check's list)
 
 
-def bucket(n: int) -> int:
-    """The autotuning key of a size that changes from step to step (token counts): its next power of two,
-    so a training run tunes once per bucket, not once per step."""
-    return 1 << max(0, int(n) - 1).bit_length()
+def _config(rows: int, fp8: bool) -> dict:
+    """The tile and pipeline for a problem whose groups hold about `rows` rows each: chosen by rule, not
+    autotuned, so that a new token count costs no tuning pass inside an eager training step and the
+    choice (hence the bits) cannot change from one run to the next."""
+    if EMULATE_CASTS:  # the CPU interpreter: small tiles
+        return dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if rows <= 64:  # decode-sized groups: half-height tiles waste less of each expert's tile
+        return _SMALL
+    return _LARGE_FP8 if fp8 else _LARGE_BF16
 
 
-@triton.autotune(configs=_configs(), key=["M_KEY", "N", "K", "FP8", "MASKED"])
 @triton.jit
-def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, rows_ptr, M, N, K, G, M_KEY,
+def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, rows_ptr, M, N, K, G,
                          stride_sa_g, stride_sa_m, stride_sa_k, FP8: tl.constexpr, MASKED: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
                          EMULATE: tl.constexpr):
-    # M: rows of the problem (contiguous: M_total; masked: M_max per expert); M_KEY (a bucket of the rows
-    # expected) only keys the tuning. BLOCK_K: 128 for FP8 (one scale block), 64 for BF16 (shared memory).
+    # M: rows of the problem (contiguous: M_total; masked: M_max per expert). BLOCK_K: 128 for FP8 (one
+    # scale block), 64 for BF16 (shared memory).
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     g = 0
@@ -119,17 +121,15 @@ def grouped_gemm(a, a_scale, b, b_scale, rows, out, masked, hint_m):
         a_scale = b_scale = a  # (unused)
         strides = (0, 0, 0)
 
-    def grid(meta):
-        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        return (tiles * G if masked else tiles,)
-    _grouped_gemm_kernel[grid](a, b, out, a_scale, b_scale, rows, M, N, K, G, bucket(hint_m if masked else M),
-                               *strides, FP8=fp8, MASKED=masked, BLOCK_K=128 if fp8 else 64, EMULATE=EMULATE_CASTS)
+    cfg = _config(hint_m if masked else M // G, fp8)
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    _grouped_gemm_kernel[(tiles * G if masked else tiles,)](
+        a, b, out, a_scale, b_scale, rows, M, N, K, G, *strides, FP8=fp8, MASKED=masked,
+        BLOCK_K=128 if fp8 else 64, EMULATE=EMULATE_CASTS, **cfg)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K_KEY", "ACCUMULATE"],
-                 restore_value=["out_ptr"])  # accumulate: every trial must start from the same out
 @triton.jit
-def _k_grouped_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, off_ptr, M, N, K_TOTAL, K_KEY, stride_sa_m,
+def _k_grouped_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, off_ptr, M, N, K_TOTAL, stride_sa_m,
                       stride_sa_k, stride_sb_n, stride_sb_k, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     # Program (g, tile): out[g] tile (+)= a[:, seg] @ b[:, seg].T over group g's 128-aligned token segment,
@@ -172,9 +172,7 @@ def _k_grouped_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, off_ptr, M, N, K_TO
 def k_grouped_gemm(a, a_scale, b, b_scale, k_offsets, out, accumulate):
     """out [G, M, N] fp32 (+)= per group's segment of a [M, K_total] @ b [N, K_total].T; arguments checked."""
     G, M, N = out.shape
-
-    def grid(meta):
-        return (G * triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _k_grouped_kernel[grid](a, b, out, a_scale, b_scale, k_offsets, M, N, a.shape[1], bucket(a.shape[1]),
-                            a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
-                            ACCUMULATE=accumulate)
+    cfg = _config(min(M, N), True)
+    grid = (G * triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _k_grouped_kernel[grid](a, b, out, a_scale, b_scale, k_offsets, M, N, a.shape[1], a_scale.stride(0),
+                            a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), ACCUMULATE=accumulate, **cfg)
