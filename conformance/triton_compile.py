@@ -17,6 +17,7 @@ from triton.compiler import ASTSource
 from dskernels.triton import gemm as tg
 from dskernels.triton import grouped_gemm as tgg
 from dskernels.triton import mla as tm
+from dskernels.triton import moe as tmoe
 from dskernels.triton import quant as tq
 
 
@@ -58,6 +59,23 @@ def kernels():
     for cfg in tgg.CONFIGS:
         meta, opts = split(cfg)
         yield (f"fp8_gemm_k_grouped({cfg})", tgg._k_grouped_kernel, k_sig, {"ACCUMULATE": True, **meta}, opts)
+    perm_sig = {"x_ptr": "*bf16", "tok_ptr": "*i32", "out_ptr": "*bf16", "s_ptr": "*fp32", "T": "i32", "D": "i32",
+                "stride_x": "i32", "stride_out": "i32", "stride_sr": "i32", "stride_sg": "i32"}
+    yield ("moe_permute", tmoe._permute_kernel, perm_sig, {"FP8": False, "POW2": False, "BLOCK_D": 1024,
+                                                           "EMULATE": False}, {"num_warps": 4})
+    yield ("moe_permute(fp8)", tmoe._permute_kernel, {**perm_sig, "out_ptr": "*fp8e4nv"},
+           {"FP8": True, "POW2": True, "BLOCK_D": 128, "EMULATE": False}, {"num_warps": 4})
+    moe_sig = {"y_ptr": "*bf16", "slot_ptr": "*i32", "w_ptr": "*fp32", "out_ptr": "*bf16", "R": "i32", "D": "i32",
+                "stride_y": "i32", "stride_out": "i32"}
+    for weighted in (True, False):
+        yield (f"moe_combine(weighted={weighted})", tmoe._combine_kernel, moe_sig,
+               {"K": 8, "WEIGHTED": weighted, "BLOCK_D": 1024, "EMULATE": False},
+               {"num_warps": 4, "enable_fp_fusion": False})
+    bwd_sig = {"g_ptr": "*bf16", "y_ptr": "*bf16", "tok_ptr": "*i32", "slot_ptr": "*i32", "w_ptr": "*fp32",
+               "gy_ptr": "*bf16", "gw_ptr": "*fp32", "T": "i32", "D": "i32", "stride_g": "i32", "stride_y": "i32",
+               "stride_gy": "i32"}
+    yield ("moe_combine_backward", tmoe._combine_backward_kernel, bwd_sig,
+           {"K": 8, "BLOCK_D": 1024, "EMULATE": False}, {"num_warps": 4, "enable_fp_fusion": False})
     split_sig = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i32", "seqlens_ptr": "*i32", "items_ptr": "*i32",
                  "offsets_ptr": "*i32", "bad_ptr": "*i32", "made_seqlens_ptr": "*i32", "made_hash_ptr": "*i32",
                  "error_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "lse_out_ptr": "*fp32",

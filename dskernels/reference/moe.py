@@ -4,6 +4,7 @@
     layout = contiguous_layout(topk_idx, num_experts)         # rows sorted by expert, segments aligned
     x_rows = permute(x, layout)                               # [rows, D]: token rows in expert order
     y = combine(y_rows, layout, topk_weights)                 # [T, D]: each token's k results, weighted
+    grad_rows, grad_weights = combine_backward(grad_y, y_rows, layout, topk_weights)
     update_bias(bias, counts, gamma)                          # auxiliary-loss-free balancing, in place
 
 DeepSeek-V3's routing: affinities s = sigmoid(logits) (fp32); the bias steers the choice only: experts
@@ -19,6 +20,11 @@ segment starting at a multiple of `alignment`, the tokens in ascending order, a 
 order; padding rows (m_indices = -1) fill each segment up to the next multiple. Nothing is dropped, so
 the layout is allocated for the worst case, T * k rows plus alignment - 1 padding rows per expert,
 whatever the routing (no host sync decides a size).
+
+The backwards: a permute's gradient is the unweighted combine of the rows' gradients (fp32 in slot
+order, one rounding); a combine's gradient w.r.t. a row is its slot's weight times the token's output
+gradient (fp32, rounded once; zero for padding rows), and w.r.t. a weight the fp32 dot product of the
+token's output gradient with the slot's row (its summation order is not specified).
 """
 from dataclasses import dataclass
 
@@ -52,8 +58,13 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, topk: int, n_group: i
     if score == "sigmoid":
         weights = weights / weights.sum(dim=-1, keepdim=True)
     weights = weights * route_scale
-    counts = torch.bincount(idx.flatten(), minlength=E).to(torch.int32)
-    return idx.to(torch.int32), weights, counts
+    return idx.to(torch.int32), weights, _counts(idx, E)
+
+
+def _counts(idx: torch.Tensor, E: int) -> torch.Tensor:
+    """Tokens per expert as int32, without the host sync of torch.bincount (which sizes its output)."""
+    flat = idx.flatten().long()
+    return torch.zeros(E, dtype=torch.int32, device=idx.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
 
 
 @dataclass
@@ -81,7 +92,7 @@ def contiguous_layout(topk_idx: torch.Tensor, num_experts: int, alignment: int =
     T, k = topk_idx.shape
     device = topk_idx.device
     flat = topk_idx.flatten().long()                                                   # slot s = t * k + j
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = _counts(flat, num_experts).long()
     padded = (counts + alignment - 1) // alignment * alignment
     segment_start = torch.cumsum(padded, 0) - padded
     order = torch.sort(flat, stable=True)[1]                        # by expert, then token, then slot
@@ -103,19 +114,33 @@ def permute(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     """x [T, D] -> [rows, D] in the layout's order; padding rows are zero (the weight gradient sums over
     them: dskernels.grouped_gemm.k_grouped_fp8_gemm_nt_contiguous)."""
     rows = layout.token_of_row.long()
-    out = x.new_zeros(rows.shape[0], x.shape[1])
-    valid = rows >= 0
-    return out.index_put((valid.nonzero().flatten(),), x[rows[valid]])
+    if x.shape[0] == 0:  # no token: padding rows only
+        return x.new_zeros(rows.shape[0], x.shape[1])
+    return torch.where((rows >= 0)[:, None], x[rows.clamp(min=0)], torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def combine(y: torch.Tensor, layout: Layout, topk_weights: torch.Tensor) -> torch.Tensor:
+def combine(y: torch.Tensor, layout: Layout, topk_weights: torch.Tensor | None) -> torch.Tensor:
     """y [rows, D] -> out [T, D] = sum over the token's slots j, in slot order, of
-    topk_weights[t, j] * y[row_of_slot[t, j]], in fp32, rounded once to y's dtype."""
+    topk_weights[t, j] * y[row_of_slot[t, j]] (or y[row_of_slot[t, j]] alone when topk_weights is None:
+    a permute's backward), in fp32, rounded once to y's dtype."""
     T, k = layout.row_of_slot.shape
     acc = torch.zeros(T, y.shape[1], dtype=torch.float32, device=y.device)
     for j in range(k):  # slot order: the sum's order is part of the specification
-        acc = acc + topk_weights[:, j:j + 1].float() * y[layout.row_of_slot[:, j].long()].float()
+        v = y[layout.row_of_slot[:, j].long()].float()
+        acc = acc + (v if topk_weights is None else topk_weights[:, j:j + 1].float() * v)
     return acc.to(y.dtype)
+
+
+def combine_backward(grad: torch.Tensor, y: torch.Tensor, layout: Layout, topk_weights: torch.Tensor):
+    """combine's gradients from grad [T, D]: grad_y [rows, D] in y's dtype (row_of_slot[t, j] gets
+    topk_weights[t, j] * grad[t], padding rows zero) and grad_weights [T, k] fp32 (grad[t] . y[row])."""
+    T, k = layout.row_of_slot.shape
+    rows = layout.row_of_slot.long()
+    g = grad.float()
+    grad_y = torch.zeros(y.shape, dtype=torch.float32, device=y.device)
+    grad_y[rows.flatten()] = (topk_weights.float()[:, :, None] * g[:, None, :]).reshape(T * k, y.shape[1])
+    grad_weights = (g[:, None, :] * y[rows].float()).sum(dim=-1)
+    return grad_y.to(y.dtype), grad_weights
 
 
 def update_bias(bias: torch.Tensor, counts: torch.Tensor, gamma: float) -> torch.Tensor:

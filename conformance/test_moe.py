@@ -1,0 +1,210 @@
+"""dskernels.moe's permute, FP8 permute and combine, forward and backward, on every backend against the
+specification (dskernels.reference.moe): bit for bit where the specification fixes every operation
+(the copies, the quantization, combine's fp32 sum in slot order and its row gradients), within fp32
+rounding for the weight gradient (a dot product whose order is free); routings random, skewed (half
+the tokens on one expert), with an empty expert, one token and no token; outputs poisoned twice; the
+gradients end to end against float64 autograd; bad arguments refused by name."""
+import pytest
+import torch
+
+from conformance.conftest import DEVICE, backends_for, gpu_only, random_input, seed_of, twice_poisoned
+from dskernels import moe
+from dskernels.reference import moe as ref
+from dskernels.reference import quant as rq
+
+ROUTINGS = ["random", "skewed", "empty_expert", "one_token", "no_token"]
+
+
+def routing(kind, E, k, T, seed):
+    """topk_idx [T, k] int32 on DEVICE: k distinct experts per token."""
+    g = torch.Generator().manual_seed(seed)
+    T = {"one_token": 1, "no_token": 0}.get(kind, T)
+    scores = torch.rand(T, E, generator=g)
+    if kind == "skewed":
+        scores[: T // 2, E // 2] += 10
+    if kind == "empty_expert":
+        scores[:, 1] -= 10
+    return ref._stable_topk(scores, k)[1].to(torch.int32).to(DEVICE)
+
+
+def case(kind, E=4, k=3, T=45, D=200, dtype=torch.bfloat16, seed=0):
+    idx = routing(kind, E, k, T, seed)
+    layout = moe.contiguous_layout(idx, E)
+    x = random_input((idx.shape[0], D), dtype, seed=seed + 1) if idx.shape[0] else torch.empty(0, D, dtype=dtype,
+                                                                                                device=DEVICE)
+    weights = torch.rand(idx.shape[0], k, generator=torch.Generator().manual_seed(seed + 2)).to(DEVICE)
+    return idx, layout, x, weights
+
+
+@pytest.mark.parametrize("backend", backends_for("moe_permute"))
+@pytest.mark.parametrize("kind", ROUTINGS)
+@pytest.mark.parametrize("D,dtype", [(200, torch.bfloat16), (128, torch.float32), (7, torch.bfloat16)],
+                         ids=["bf16-200", "fp32-128", "bf16-7"])
+def test_permute_copies_rows_and_zeros_padding(backend, kind, D, dtype):
+    _, layout, x, _ = case(kind, D=D, dtype=dtype, seed=seed_of("permute", kind, D))
+    got = twice_poisoned(lambda: moe.permute(x, layout, backend=backend))
+    assert torch.equal(got, ref.permute(x, layout))
+    assert bool((got[layout.token_of_row < 0] == 0).all())
+
+
+@pytest.mark.parametrize("backend", backends_for("moe_permute_fp8"))
+@pytest.mark.parametrize("kind", ["random", "skewed", "one_token", "no_token"])
+@pytest.mark.parametrize("D,pow2,scale_layout", [(256, False, "row"), (384, True, "col"), (200, False, "col")])
+def test_permute_fp8_is_the_quantized_permute(backend, kind, D, pow2, scale_layout):
+    _, layout, x, _ = case(kind, D=D, seed=seed_of("permute_fp8", kind, D))
+    q, s = twice_poisoned(lambda: moe.permute_fp8(x, layout, pow2_scale=pow2, scale_layout=scale_layout,
+                                                  backend=backend))
+    want_q, want_s = rq.per_token_group_quant(ref.permute(x, layout), pow2)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(s, want_s)
+    if scale_layout == "col" and s.shape[0] > 1:
+        assert s.stride(0) == 1
+    assert bool((q[layout.token_of_row < 0].view(torch.uint8) == 0).all())
+
+
+@pytest.mark.parametrize("backend", backends_for("moe_combine"))
+@pytest.mark.parametrize("kind", ROUTINGS)
+@pytest.mark.parametrize("k,D,dtype", [(3, 200, torch.bfloat16), (8, 64, torch.float32), (1, 130, torch.bfloat16)])
+def test_combine_forward_and_backward_match_the_specification(backend, kind, k, D, dtype):
+    _, layout, _, weights = case(kind, E=max(4, k), k=k, seed=seed_of("combine", kind, k, D))
+    rows = layout.token_of_row.shape[0]
+    y = random_input((rows, D), dtype, seed=seed_of("y", kind, k, D))
+    T = weights.shape[0]
+    out = twice_poisoned(lambda: moe.combine(y, layout, weights, backend=backend))
+    assert torch.equal(out, ref.combine(y, layout, weights))  # the same fp32 operations, in slot order
+
+    grad = random_input((T, D), dtype, seed=seed_of("grad", kind, k, D))
+
+    def backward():
+        yy, ww = y.clone().requires_grad_(), weights.clone().requires_grad_()
+        moe.combine(yy, layout, ww, backend=backend).backward(grad)
+        return yy.grad, ww.grad
+    grad_y, grad_w = twice_poisoned(backward)
+    want_y, want_w = ref.combine_backward(grad, y, layout, weights)
+    assert torch.equal(grad_y, want_y)
+    assert bool((grad_y[layout.token_of_row < 0] == 0).all())
+    # the dot product's order is free: within fp32 rounding of the exact one
+    exact = (grad.double()[:, None, :] * y.double()[layout.row_of_slot.long()]).sum(-1)
+    mag = (grad.double().abs()[:, None, :] * y.double().abs()[layout.row_of_slot.long()]).sum(-1)
+    assert grad_w.dtype == torch.float32 and bool(((grad_w.double() - exact).abs() <= D * 2.0 ** -23 * mag).all())
+    assert bool(((want_w.double() - exact).abs() <= D * 2.0 ** -23 * mag).all())
+
+
+@pytest.mark.parametrize("backend", backends_for("moe_permute"))
+@pytest.mark.parametrize("kind", ["random", "skewed", "one_token"])
+def test_permute_backward_is_the_unweighted_combine(backend, kind):
+    _, layout, x, _ = case(kind, D=136, seed=seed_of("permute_bwd", kind))
+    g_rows = random_input((layout.token_of_row.shape[0], 136), torch.bfloat16, seed=seed_of("g_rows", kind))
+
+    def backward():
+        xx = x.clone().requires_grad_()
+        moe.permute(xx, layout, backend=backend).backward(g_rows)
+        return xx.grad
+    got = twice_poisoned(backward)
+    assert torch.equal(got, ref.combine(g_rows, layout, None))
+
+
+@pytest.mark.parametrize("backend", backends_for("moe_combine"))
+def test_gradients_end_to_end_against_float64(backend):
+    """route -> layout -> permute -> a per-expert map -> combine, backward to x and the logits, against the
+    same layer written token by token in float64 autograd."""
+    T, E, k, D, n_group, topk_group = 33, 8, 2, 64, 4, 2
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(T, E, generator=g).to(DEVICE).requires_grad_()
+    bias = (0.1 * torch.randn(E, generator=g)).to(DEVICE)
+    x = random_input((T, D), torch.float32, seed=22, outliers=False).requires_grad_()
+    scale = (torch.rand(E, D, generator=g) + 0.5).to(DEVICE)
+    idx, w, _ = moe.route(logits, bias, k, n_group=n_group, topk_group=topk_group, route_scale=2.0)
+    layout = moe.contiguous_layout(idx, E)
+    rows = moe.permute(x, layout, backend=backend)
+    expert = layout.m_indices.long().clamp(min=0)
+    y = rows * scale[expert] * (layout.m_indices >= 0)[:, None]  # expert e scales its rows by scale[e]
+    out = moe.combine(y, layout, w, backend=backend)
+    c = torch.randn(T, D, generator=g).to(DEVICE)
+    (out * c).sum().backward()
+
+    l64, x64 = logits.detach().double().requires_grad_(), x.detach().double().requires_grad_()
+    s = l64.sigmoid().gather(1, idx.long())
+    w64 = s / s.sum(-1, keepdim=True) * 2.0
+    out64 = sum(w64[:, j:j + 1] * x64 * scale.double()[idx[:, j].long()] for j in range(k))
+    (out64 * c.double()).sum().backward()
+    assert torch.allclose(out.double(), out64, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(logits.grad.double(), l64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backends_for("moe_combine"))
+def test_repeated_calls_give_the_same_bits(backend):
+    _, layout, _, weights = case("skewed", k=4, seed=31)
+    y = random_input((layout.token_of_row.shape[0], 512), torch.bfloat16, seed=32)
+    grad = random_input((weights.shape[0], 512), torch.bfloat16, seed=33)
+    results = []
+    for _ in range(2):
+        yy, ww = y.clone().requires_grad_(), weights.clone().requires_grad_()
+        out = moe.combine(yy, layout, ww, backend=backend)
+        out.backward(grad)
+        results.append((out, yy.grad, ww.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", [p for p in backends_for("moe_combine") if p.values[0] == "triton"])
+def test_a_corrupted_layout_reads_nothing_out_of_bounds(backend):
+    """An index past the end turns its token's output NaN instead of reading outside y (or x)."""
+    _, layout, x, weights = case("random", seed=41)
+    rows = layout.token_of_row.shape[0]
+    bad = ref.Layout(layout.m_indices, layout.token_of_row.clone(), layout.row_of_slot.clone(), None, None)
+    bad.row_of_slot[3, 1] = rows + 1000
+    bad.token_of_row[int(layout.row_of_slot[5, 0])] = 10 ** 6
+    y = random_input((rows, x.shape[1]), torch.bfloat16, seed=42)
+    out = moe.combine(y, bad, weights, backend=backend)
+    assert bool(out[3].isnan().all()) and bool(out[4].isfinite().all())
+    got = moe.permute(x, bad, backend=backend)
+    assert bool(got[int(layout.row_of_slot[5, 0])].isnan().all())
+
+
+def test_bad_arguments_are_refused_by_name():
+    _, layout, x, weights = case("random", seed=51)
+    y = random_input((layout.token_of_row.shape[0], x.shape[1]), torch.bfloat16, seed=52)
+    with pytest.raises(TypeError, match="layout must be a dskernels.moe.Layout"):
+        moe.permute(x, (layout.token_of_row, layout.row_of_slot))
+    with pytest.raises(TypeError, match="x must have dtype"):
+        moe.permute(x.to(torch.int32), layout)
+    with pytest.raises(ValueError, match="one row per token of x"):
+        moe.permute(x[:-1], layout)
+    with pytest.raises(ValueError, match="y must have the layout's"):
+        moe.combine(y[:-1], layout, weights)
+    with pytest.raises(ValueError, match="topk_weights must have shape"):
+        moe.combine(y, layout, weights[:, :-1].contiguous())
+    with pytest.raises(TypeError, match="layout.row_of_slot must have dtype"):
+        moe.combine(y, ref.Layout(None, layout.token_of_row, layout.row_of_slot.long(), None, None), weights)
+    with pytest.raises(ValueError, match="scale_layout must be one of"):
+        moe.permute_fp8(x, layout, scale_layout="mn")
+    logits = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="n_group must divide"):
+        moe.route(logits, None, 2, n_group=3)
+    with pytest.raises(ValueError, match="topk must be <= the experts of the kept groups"):
+        moe.route(logits, None, 5, n_group=4, topk_group=2)
+    with pytest.raises(ValueError, match="backend='cuda' cannot run moe_combine"):
+        moe.combine(y, layout, weights, backend="cuda")
+
+
+@gpu_only
+def test_routing_layout_permute_combine_make_no_host_sync():
+    T, E, k, D = 256, 64, 6, 256
+    logits = torch.randn(T, E, device=DEVICE)
+    bias = torch.zeros(E, device=DEVICE)
+    x = torch.randn(T, D, device=DEVICE, dtype=torch.bfloat16)
+    moe.combine(moe.permute(x, moe.contiguous_layout(moe.route(logits, bias, k, n_group=8, topk_group=4)[0], E)),
+                moe.contiguous_layout(moe.route(logits, bias, k, n_group=8, topk_group=4)[0], E),
+                torch.ones(T, k, device=DEVICE))  # warm: compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        idx, w, counts = moe.route(logits, bias, k, n_group=8, topk_group=4)
+        layout = moe.contiguous_layout(idx, E)
+        q, s = moe.permute_fp8(x, layout)
+        out = moe.combine(moe.permute(x, layout), layout, w)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == (T, D) and q.shape[0] == moe.layout_rows(T, k, E)
