@@ -208,3 +208,74 @@ def test_routing_layout_permute_combine_make_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.shape == (T, D) and q.shape[0] == moe.layout_rows(T, k, E)
+
+
+ROUTE_CASES = {  # E, topk, n_group, topk_group, bias, score
+    "v3_like": (16, 4, 4, 2, True, "sigmoid"),
+    "groups_without_bias": (16, 3, 4, 2, False, "sigmoid"),
+    "no_groups": (8, 2, 1, 1, True, "sigmoid"),
+    "softmax": (8, 3, 1, 1, False, "softmax"),
+    "groups_of_5": (20, 6, 4, 3, True, "sigmoid"),   # neither E nor the group a power of two
+    "one_expert": (1, 1, 1, 1, True, "sigmoid"),
+}
+
+
+@pytest.mark.parametrize("backend", backends_for("moe_route"))
+@pytest.mark.parametrize("case_name", list(ROUTE_CASES))
+@pytest.mark.parametrize("T,ties", [(37, False), (50, True), (1, False), (0, False)], ids=["T37", "ties", "T1", "T0"])
+def test_route_matches_the_specification(backend, case_name, T, ties):
+    E, topk, n_group, topk_group, has_bias, score = ROUTE_CASES[case_name]
+    g = torch.Generator().manual_seed(seed_of("route", case_name, T, ties))
+    logits = torch.randn(T, E, generator=g)
+    bias = 0.1 * torch.randn(E, generator=g) if has_bias else None
+    if ties:  # few distinct values: equal affinities and equal group scores
+        logits = (logits * 2).round() / 2
+        bias = torch.zeros(E) if has_bias else None
+    logits = logits.to(DEVICE)
+    bias = None if bias is None else bias.to(DEVICE)
+    idx, w, counts = twice_poisoned(lambda: moe.route(logits, bias, topk, n_group=n_group, topk_group=topk_group,
+                                                      route_scale=2.5, score=score, backend=backend))
+    want_idx, want_w, want_counts = ref.route(logits, bias, topk, n_group, topk_group, 2.5, score)
+    assert torch.equal(idx, want_idx) and torch.equal(counts, want_counts)
+    assert torch.equal(w, want_w)  # the same operations on the same chosen affinities
+
+
+@pytest.mark.parametrize("backend", backends_for("moe_route"))
+def test_route_weights_carry_the_gradient_to_the_logits(backend):
+    g = torch.Generator().manual_seed(61)
+    logits = torch.randn(21, 16, generator=g).to(DEVICE).requires_grad_()
+    bias = (0.1 * torch.randn(16, generator=g)).to(DEVICE)
+    c = torch.randn(21, 4, generator=g).to(DEVICE)
+    idx, w, _ = moe.route(logits, bias, 4, n_group=4, topk_group=2, route_scale=1.5, backend=backend)
+    (w * c).sum().backward()
+    l64 = logits.detach().double().requires_grad_()
+    s = l64.sigmoid().gather(1, idx.long())
+    ((s / s.sum(-1, keepdim=True) * 1.5) * c.double()).sum().backward()
+    assert torch.allclose(logits.grad.double(), l64.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", backends_for("moe_layout"))
+@pytest.mark.parametrize("kind", ROUTINGS)
+@pytest.mark.parametrize("E,k,T", [(4, 3, 45), (8, 8, 300), (1, 1, 7)], ids=["E4", "E8k8", "E1"])
+def test_layout_matches_the_specification(backend, kind, E, k, T):
+    if kind == "empty_expert" and E < 3 or kind == "skewed" and E < 2:
+        pytest.skip("needs more experts")
+    idx = routing(kind, E, k, T, seed_of("layout", kind, E, k, T))
+    names = ("m_indices", "token_of_row", "row_of_slot", "segment_start", "counts")
+    got = twice_poisoned(lambda: [getattr(moe.contiguous_layout(idx, E, backend=backend), n) for n in names])
+    want = ref.contiguous_layout(idx, E)
+    for name, tensor in zip(names, got):
+        assert torch.equal(tensor, getattr(want, name)), name
+
+
+@pytest.mark.parametrize("backend", [p for p in backends_for("moe_layout") if p.values[0] == "triton"])
+def test_layout_gives_an_expert_id_out_of_range_no_row(backend):
+    idx = routing("random", 4, 2, 30, 71)
+    idx[3, 1] = 4
+    idx[7, 0] = -2
+    lay = moe.contiguous_layout(idx, 4, backend=backend)
+    assert int(lay.row_of_slot[3, 1]) == -1 and int(lay.row_of_slot[7, 0]) == -1
+    assert int((lay.m_indices >= 0).sum()) == idx.numel() - 2 and int(lay.counts.sum()) == idx.numel() - 2
+    y = random_input((lay.m_indices.shape[0], 64), torch.bfloat16, seed=72)
+    out = moe.combine(y, lay, torch.ones(30, 2, device=DEVICE), backend=backend)
+    assert bool(out[3].isnan().all()) and bool(out[7].isnan().all()) and bool(out[4].isfinite().all())

@@ -76,6 +76,21 @@ def kernels():
                "stride_gy": "i32"}
     yield ("moe_combine_backward", tmoe._combine_backward_kernel, bwd_sig,
            {"K": 8, "BLOCK_D": 1024, "EMULATE": False}, {"num_warps": 4, "enable_fp_fusion": False})
+    route_sig = {"s_ptr": "*fp32", "bias_ptr": "*fp32", "idx_ptr": "*i32", "counts_ptr": "*i32", "T": "i32",
+                 "E": "i32", "PER": "i32", "stride_s": "i32"}
+    for groups, topk_group, per_pad in [(8, 4, 32), (1, 1, 64)]:  # DeepSeek-V3's 256 experts in 8 groups; 64 flat
+        yield (f"moe_route(groups={groups})", tmoe._route_kernel, route_sig,
+               {"HAS_BIAS": True, "N_GROUP": groups, "TOPK_GROUP": topk_group, "TOPK": 8, "BLOCK_T": 16,
+                "G_PAD": groups, "PER_PAD": per_pad}, {"num_warps": 4})
+    yield ("moe_layout_hist", tmoe._layout_hist_kernel,
+           {"idx_ptr": "*i32", "hist_ptr": "*i32", "mind_ptr": "*i32", "tok_ptr": "*i32", "S": "i32", "E": "i32",
+            "ROWS": "i32", "ROWS_PER_PROGRAM": "i32"}, {"BLOCK_S": 128, "E_PAD": 256, "BLOCK_R": 256}, {"num_warps": 4})
+    yield ("moe_layout_scan", tmoe._layout_scan_kernel,
+           {"hist_ptr": "*i32", "offs_ptr": "*i32", "start_ptr": "*i32", "counts_ptr": "*i32", "NB": "i32", "E": "i32"},
+           {"ALIGN": 128, "BLOCK_B": 64, "BLOCK_E": 64}, {"num_warps": 4})
+    yield ("moe_layout_scatter", tmoe._layout_scatter_kernel,
+           {"idx_ptr": "*i32", "offs_ptr": "*i32", "start_ptr": "*i32", "row_of_slot_ptr": "*i32", "mind_ptr": "*i32",
+            "tok_ptr": "*i32", "S": "i32", "E": "i32", "K": "i32"}, {"BLOCK_S": 128, "E_PAD": 256}, {"num_warps": 4})
     split_sig = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i32", "seqlens_ptr": "*i32", "items_ptr": "*i32",
                  "offsets_ptr": "*i32", "bad_ptr": "*i32", "made_seqlens_ptr": "*i32", "made_hash_ptr": "*i32",
                  "error_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "lse_out_ptr": "*fp32",

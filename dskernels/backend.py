@@ -63,8 +63,8 @@ SUPPORT = {  # op -> {backend: capability range}; a backend not listed has no im
     "get_mla_metadata": {"cuda": SM90},
     "append_to_cache": {"triton": BF16},
     "append_to_cache_fp8_cache": {"triton": FP8},
-    "moe_route": {},  # (PyTorch ops on the device until its kernel lands)
-    "moe_layout": {},
+    "moe_route": {"triton": BF16},
+    "moe_layout": {"triton": BF16},
     "moe_permute": {"triton": BF16},
     "moe_permute_fp8": {"triton": FP8},
     "moe_combine": {"triton": BF16},

@@ -11,14 +11,15 @@
 The numerics are specified in dskernels.reference.moe (ties, slot order, fp32 sums, the backwards).
 Memory: no token is ever dropped and no host sync sizes anything, so a layout holds
 layout_rows(T, k, E) = T * k + E * 127 rows (the worst case of every expert's segment padded to 128):
-at T = 4096, k = 8, E = 256 that is 65,280 rows, 7 % over T * k; permute's output is that many rows of
-D elements. Padding rows of a permute are zero (the weight gradient sums over them).
+at T = 4096, k = 8, E = 256 that is 65,280 rows, 1.99x T * k (with 32 local experts, the
+expert-parallel case, 36,832: 1.12x); permute's output is that many rows of D elements. Padding rows of a permute are zero (the weight gradient sums over them).
 
-Backends: routing and the layout run as PyTorch ops on the tensors' device (the reference; no host
-sync) until their kernels land; permute (bf16 and FP8) and combine, with their backwards, run in Triton
-on a GPU. Each kernel launch is a torch.library custom op under tracing (torch.compile), called
-directly in eager mode. A layout is trusted as contiguous_layout made it: the kernels never read out of
-bounds, but a corrupted one gives NaN rows, not an exception (checking it would cost a sync).
+Backends: the reference (PyTorch ops, on any device, without a host sync) and Triton on a GPU for every
+step: the routing's choice (its weights are PyTorch ops on the chosen affinities, the reference's bits),
+the layout (three launches), permute, FP8 permute, combine and the backwards. Each kernel launch is a
+torch.library custom op under tracing (torch.compile), called directly in eager mode. A layout is
+trusted as contiguous_layout made it: the kernels never read out of bounds, but a corrupted one gives
+NaN rows, not an exception (checking it would cost a sync).
 """
 import torch
 
@@ -71,18 +72,82 @@ def route(logits, bias, topk: int, *, n_group: int = 1, topk_group: int = 1, rou
                          f"{topk_group * (E // n_group)}, got {topk}")
     route_scale = check_real("route_scale", route_scale, positive=True)
     check_choice("score", score, ("sigmoid", "softmax"))
-    _backend.resolve("moe_route", backend, logits.device)
-    return _ref.route(logits, bias, topk, n_group, topk_group, route_scale, score)
+    name = _backend.resolve("moe_route", backend, logits.device)
+    if name == "reference":
+        return _ref.route(logits, bias, topk, n_group, topk_group, route_scale, score)
+    s = logits.float().sigmoid() if score == "sigmoid" else logits.float().softmax(dim=-1)
+    idx = _backend.empty((T, topk), torch.int32, logits.device)
+    counts = _backend.empty((E,), torch.int32, logits.device)
+    bias32 = None if bias is None else bias.float().contiguous()
+    sd = s.detach().contiguous()
+    tensors = (sd, idx, counts) if bias32 is None else (sd, bias32, idx, counts)
+    _backend.pick(_route_choice, _route_choice_op, *tensors)(sd, bias32, topk, n_group, topk_group, idx, counts)
+    weights = s.gather(1, idx.long())  # the reference's operations from here: its bits, and its gradient
+    if score == "sigmoid":
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return idx, weights * route_scale, counts
+
+
+def _route_choice(s, bias, topk, n_group, topk_group, idx, counts):
+    from dskernels.triton import moe as tm  # imported lazily: triton is optional
+    with _backend.on_device(s):
+        tm.route_choice(s, bias, topk, n_group, topk_group, idx, counts)
+
+
+@torch.library.custom_op("dskernels::moe_route_choice", mutates_args=("idx", "counts"))
+def _route_choice_op(s: torch.Tensor, bias: torch.Tensor | None, topk: int, n_group: int, topk_group: int,
+                     idx: torch.Tensor, counts: torch.Tensor) -> None:
+    _route_choice(s, bias, topk, n_group, topk_group, idx, counts)
+
+
+@_route_choice_op.register_fake
+def _(s, bias, topk, n_group, topk_group, idx, counts):
+    return None
 
 
 def contiguous_layout(topk_idx, num_experts: int, *, backend: str = "auto") -> Layout:
     """The expert-sorted rows of topk_idx [T, k] int32 (dskernels.reference.moe.Layout): m_indices for the
-    grouped GEMMs, the gathers both ways, each expert's segment start and row count, all on the device."""
+    grouped GEMMs, the gathers both ways, each expert's segment start and row count, all on the device.
+    The Triton kernels give an id outside [0, num_experts) no row (row_of_slot -1: its token's combine
+    comes back NaN); the reference raises on one."""
     topk_idx = _backend.as_tensor("topk_idx", topk_idx)
     check_tensor("topk_idx", topk_idx, dtypes=(torch.int32, torch.int64), ndim=2, nonempty=False, contiguous=False)
     num_experts = check_int("num_experts", num_experts, minimum=1)
-    _backend.resolve("moe_layout", backend, topk_idx.device)
-    return _ref.contiguous_layout(topk_idx, num_experts)
+    name = _backend.resolve("moe_layout", backend, topk_idx.device)
+    if name == "reference":
+        return _ref.contiguous_layout(topk_idx, num_experts)
+    idx = topk_idx.to(torch.int32).contiguous()
+    T, k = idx.shape
+    device = idx.device
+    rows = layout_rows(T, k, num_experts)
+    m_indices, token_of_row = (_backend.empty((rows,), torch.int32, device) for _ in range(2))
+    row_of_slot = _backend.empty((T, k), torch.int32, device)
+    segment_start, counts = (_backend.empty((num_experts,), torch.int32, device) for _ in range(2))
+    from dskernels.triton.moe import LAYOUT_BLOCK
+    workspace = _backend.empty((2, max(1, cdiv(T * k, LAYOUT_BLOCK)), num_experts), torch.int32, device)
+    outs = (m_indices, token_of_row, row_of_slot, segment_start, counts, workspace)
+    _backend.pick(_layout, _layout_op, idx, *outs)(idx, num_experts, *outs)
+    return Layout(m_indices, token_of_row, row_of_slot, segment_start, counts)
+
+
+def _layout(topk_idx, num_experts, m_indices, token_of_row, row_of_slot, segment_start, counts, workspace):
+    from dskernels.triton import moe as tm
+    with _backend.on_device(topk_idx):
+        tm.contiguous_layout(topk_idx, num_experts, _ref.ALIGNMENT, m_indices, token_of_row, row_of_slot,
+                             segment_start, counts, workspace)
+
+
+@torch.library.custom_op("dskernels::moe_layout", mutates_args=("m_indices", "token_of_row", "row_of_slot",
+                                                                "segment_start", "counts", "workspace"))
+def _layout_op(topk_idx: torch.Tensor, num_experts: int, m_indices: torch.Tensor, token_of_row: torch.Tensor,
+               row_of_slot: torch.Tensor, segment_start: torch.Tensor, counts: torch.Tensor,
+               workspace: torch.Tensor) -> None:
+    _layout(topk_idx, num_experts, m_indices, token_of_row, row_of_slot, segment_start, counts, workspace)
+
+
+@_layout_op.register_fake
+def _(topk_idx, num_experts, m_indices, token_of_row, row_of_slot, segment_start, counts, workspace):
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,12 @@
-"""The MoE layer's data movement in Triton: permute, combine and their backwards.
+"""The MoE layer's routing choice, contiguous layout and data movement in Triton.
+
+route: program of BLOCK_T tokens holds their affinities as [group, expert of the group] and picks the
+groups, then the experts, by repeated max (ties to the lower index), counting each choice (integer
+atomics: the same counts in any order). The weights are left to PyTorch ops on the chosen affinities
+(dskernels.moe.route), so they are the reference's bits and autograd reaches the logits.
+layout: three launches with no host sync: per block of 128 slots its experts' counts (and the rows
+initialized to padding), one program scanning those counts (each block's offsets, each expert's segment
+start), per block each slot's row (its rank among the block's slots of its expert: tokens ascending).
 
 permute: program r copies row r of the expert-sorted layout from its token (zeros for padding rows),
 optionally quantized on the way (1 x 128 groups, the bytes and scales of per_token_group_quant).
@@ -133,3 +141,144 @@ def combine_backward(grad, y, token_of_row, row_of_slot, weights, grad_y, grad_w
         grad, y, token_of_row, row_of_slot, weights, grad_y, grad_weights, grad.shape[0], D, grad.stride(0),
         y.stride(0), grad_y.stride(0), K=row_of_slot.shape[1], BLOCK_D=_block(D), EMULATE=EMULATE_CASTS,
         num_warps=4, enable_fp_fusion=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing's choice and the contiguous layout.
+
+@triton.jit
+def _route_kernel(s_ptr, bias_ptr, idx_ptr, counts_ptr, T, E, PER, stride_s, HAS_BIAS: tl.constexpr,
+                  N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, TOPK: tl.constexpr, BLOCK_T: tl.constexpr,
+                  G_PAD: tl.constexpr, PER_PAD: tl.constexpr):
+    """Tokens [BLOCK_T] x experts as [group, expert of the group]: the biased affinities, the TOPK_GROUP
+    best groups (by the sum of their two best, or their best without a bias), then the TOPK best experts
+    among them in descending order, ties to the lower index; counts += 1 per choice."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    g = tl.arange(0, G_PAD)
+    c = tl.arange(0, PER_PAD)
+    eid = g[None, :, None] * PER + c[None, None, :]                       # [1, G_PAD, PER_PAD]
+    ok = (g[None, :, None] < N_GROUP) & (c[None, None, :] < PER)
+    t_ok = t < T
+    choice = tl.load(s_ptr + t[:, None, None].to(tl.int64) * stride_s + eid, mask=t_ok[:, None, None] & ok,
+                     other=float("-inf"))
+    if HAS_BIAS:
+        choice = choice + tl.load(bias_ptr + eid, mask=ok, other=0.0)
+    choice = tl.where(ok, choice, float("-inf"))
+    big = N_GROUP * PER_PAD
+    if N_GROUP > 1:
+        best = tl.max(choice, axis=2)                                      # [BLOCK_T, G_PAD]
+        if HAS_BIAS:
+            first = tl.min(tl.where(choice == best[:, :, None], c[None, None, :], PER_PAD), axis=2)
+            second = tl.max(tl.where(c[None, None, :] == first[:, :, None], float("-inf"), choice), axis=2)
+            score = best + second
+        else:
+            score = best
+        score = tl.where(g[None, :] < N_GROUP, score, float("-inf"))
+        keep = g[None, :] < 0                                              # [1, G_PAD], all False
+        for _ in tl.static_range(TOPK_GROUP):
+            top = tl.max(score, axis=1)
+            pick = tl.min(tl.where(score == top[:, None], g[None, :], G_PAD), axis=1)
+            keep = keep | (g[None, :] == pick[:, None])
+            score = tl.where(g[None, :] == pick[:, None], float("-inf"), score)
+        choice = tl.where(keep[:, :, None] & ok, choice, float("-inf"))
+    for i in tl.static_range(TOPK):
+        top = tl.max(tl.max(choice, axis=2), axis=1)
+        pick = tl.min(tl.min(tl.where((choice == top[:, None, None]) & ok, eid, big), axis=2), axis=1)
+        tl.store(idx_ptr + t.to(tl.int64) * TOPK + i, pick, mask=t_ok)
+        tl.atomic_add(counts_ptr + pick, 1, mask=t_ok)  # (integers: the same counts in any order)
+        choice = tl.where(eid == pick[:, None, None], float("-inf"), choice)
+
+
+@triton.jit
+def _layout_hist_kernel(idx_ptr, hist_ptr, mind_ptr, tok_ptr, S, E, ROWS, ROWS_PER_PROGRAM, BLOCK_S: tl.constexpr,
+                        E_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Block b of the slots: its experts' counts into hist[b, :]; and rows [b * ROWS_PER_PROGRAM, ...) of
+    m_indices and token_of_row set to -1 (the scatter kernel then writes the data rows)."""
+    b = tl.program_id(0)
+    s = b * BLOCK_S + tl.arange(0, BLOCK_S)
+    e = tl.load(idx_ptr + s, mask=s < S, other=-1)
+    cols = tl.arange(0, E_PAD)
+    hist = tl.sum((e[:, None] == cols[None, :]).to(tl.int32), axis=0)
+    tl.store(hist_ptr + b.to(tl.int64) * E + cols, hist, mask=cols < E)
+    for r0 in range(0, ROWS_PER_PROGRAM, BLOCK_R):
+        r = b * ROWS_PER_PROGRAM + r0 + tl.arange(0, BLOCK_R)
+        m = (r < ROWS) & (r0 + tl.arange(0, BLOCK_R) < ROWS_PER_PROGRAM)
+        tl.store(mind_ptr + r, tl.full((BLOCK_R,), -1, tl.int32), mask=m)
+        tl.store(tok_ptr + r, tl.full((BLOCK_R,), -1, tl.int32), mask=m)
+
+
+@triton.jit
+def _layout_scan_kernel(hist_ptr, offs_ptr, start_ptr, counts_ptr, NB, E, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr,
+                        BLOCK_E: tl.constexpr):
+    """One program: offs[b, e] = the rows of expert e in the blocks before b, counts[e] = all of them,
+    start[e] = the sum of the earlier experts' counts each rounded up to ALIGN."""
+    running = tl.sum(tl.zeros((BLOCK_E,), tl.int32), axis=0)  # (an int32 scalar tensor: a loop-carried value)
+    for e0 in range(0, E, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        carry = tl.zeros((BLOCK_E,), tl.int32)
+        for b0 in range(0, NB, BLOCK_B):
+            b = b0 + tl.arange(0, BLOCK_B)
+            m = (b < NB)[:, None] & (e < E)[None, :]
+            h = tl.load(hist_ptr + b[:, None].to(tl.int64) * E + e[None, :], mask=m, other=0)
+            tl.store(offs_ptr + b[:, None].to(tl.int64) * E + e[None, :], tl.cumsum(h, axis=0) - h + carry[None, :],
+                     mask=m)
+            carry += tl.sum(h, axis=0)
+        padded = (carry + ALIGN - 1) // ALIGN * ALIGN
+        tl.store(counts_ptr + e, carry, mask=e < E)
+        tl.store(start_ptr + e, running + tl.cumsum(padded, axis=0) - padded, mask=e < E)
+        running += tl.sum(padded, axis=0)
+
+
+@triton.jit
+def _layout_scatter_kernel(idx_ptr, offs_ptr, start_ptr, row_of_slot_ptr, mind_ptr, tok_ptr, S, E, K,
+                           BLOCK_S: tl.constexpr, E_PAD: tl.constexpr):
+    """Block b of the slots: each slot's row = its expert's segment start + the expert's rows in earlier
+    blocks + its rank among this block's slots of that expert (slot order: tokens ascending)."""
+    b = tl.program_id(0)
+    s = b * BLOCK_S + tl.arange(0, BLOCK_S)
+    e = tl.load(idx_ptr + s, mask=s < S, other=-1)
+    valid = (s < S) & (e >= 0) & (e < E)
+    cols = tl.arange(0, E_PAD)
+    hot = ((e[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32)
+    rank = tl.sum(tl.cumsum(hot, axis=0) * hot, axis=1) - 1
+    ee = tl.where(valid, e, 0)
+    row = tl.load(start_ptr + ee, mask=valid, other=0) + tl.load(offs_ptr + b.to(tl.int64) * E + ee, mask=valid,
+                                                                   other=0) + rank
+    tl.store(row_of_slot_ptr + s, tl.where(valid, row, -1), mask=s < S)
+    tl.store(mind_ptr + row, e, mask=valid)
+    tl.store(tok_ptr + row, s // K, mask=valid)
+
+
+def route_choice(s, bias, topk, n_group, topk_group, idx, counts):
+    """idx [T, topk] int32 (the choice) and counts [E] int32 (zeroed here, then added to) from the affinities
+    s [T, E] fp32 and bias [E] fp32 or None. Arguments checked."""
+    T, E = s.shape
+    per = E // n_group
+    g_pad, per_pad = triton.next_power_of_2(n_group), triton.next_power_of_2(per)
+    block_t = max(1, min(64, 4096 // (g_pad * per_pad)))
+    counts.zero_()
+    if T:
+        _route_kernel[(triton.cdiv(T, block_t),)](s, s if bias is None else bias, idx, counts, T, E, per, s.stride(0),
+                                                  HAS_BIAS=bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
+                                                  TOPK=topk, BLOCK_T=block_t, G_PAD=g_pad, PER_PAD=per_pad,
+                                                  num_warps=4)
+
+
+LAYOUT_BLOCK = 128  # slots per program of the layout kernels
+
+
+def contiguous_layout(topk_idx, num_experts, alignment, m_indices, token_of_row, row_of_slot, segment_start, counts,
+                      workspace):
+    """The layout's five tensors from topk_idx [T, k] int32 (contiguous), in three launches; workspace: int32
+    [2, blocks, num_experts] (each block's per-expert counts, then their exclusive prefix). Arguments checked."""
+    S, E, rows = topk_idx.numel(), num_experts, m_indices.shape[0]
+    blocks = max(1, triton.cdiv(S, LAYOUT_BLOCK))
+    e_pad = triton.next_power_of_2(E)
+    hist, offs = workspace[0], workspace[1]
+    _layout_hist_kernel[(blocks,)](topk_idx, hist, m_indices, token_of_row, S, E, rows, triton.cdiv(rows, blocks),
+                                   BLOCK_S=LAYOUT_BLOCK, E_PAD=e_pad, BLOCK_R=256, num_warps=4)
+    _layout_scan_kernel[(1,)](hist, offs, segment_start, counts, blocks, E, ALIGN=alignment, BLOCK_B=64,
+                              BLOCK_E=min(64, e_pad), num_warps=4)
+    if S:
+        _layout_scatter_kernel[(blocks,)](topk_idx, offs, segment_start, row_of_slot, m_indices, token_of_row, S, E,
+                                          topk_idx.shape[1], BLOCK_S=LAYOUT_BLOCK, E_PAD=e_pad, num_warps=4)
