@@ -205,19 +205,35 @@ def token_major_quantized(T, features, seed):
     return q.to(DEVICE), s.to(DEVICE)
 
 
+def token_major(T, features, seed, kind):
+    """x [T, features] as the k-grouped GEMM takes it: FP8 x^T with 1 x 128 scales along the tokens, or bf16
+    x^T (scales None)."""
+    if kind == "fp8":
+        return token_major_quantized(T, features, seed)
+    return random_input((T, features), torch.bfloat16, seed=seed, device="cpu").t().contiguous().to(DEVICE), None
+
+
+K_GROUPED_KINDS = [pytest.param(kind, p.values[0], id=f"{kind}-{p.values[0]}", marks=p.marks)
+                   for kind, op in (("fp8", "k_grouped_fp8_gemm"), ("bf16", "k_grouped_bf16_gemm"))
+                   for p in backends_for(op)]
+
+
 @pytest.mark.parametrize("accumulate", [True, False], ids=["accumulate", "fresh"])
 @pytest.mark.parametrize("segments", list(K_SEGMENTS))
-@pytest.mark.parametrize("backend", K_GROUPED_BACKENDS)
-def test_k_grouped_weight_gradient_matches_the_loop(backend, segments, accumulate):
+@pytest.mark.parametrize("kind,backend", K_GROUPED_KINDS)
+def test_k_grouped_weight_gradient_matches_the_loop(kind, backend, segments, accumulate):
     sizes = K_SEGMENTS[segments]
     G, T = len(sizes), sum(sizes)
     M, Nk = (576, 1024) if ON_GPU else (96, 160)  # dW [M, Nk] per expert: dy^T [M, T] @ x [T, Nk]
-    (a, sa), (b, sb) = token_major_quantized(T, M, seed=T + 1), token_major_quantized(T, Nk, seed=T + 2)
+    (a, sa), (b, sb) = token_major(T, M, T + 1, kind), token_major(T, Nk, T + 2, kind)
     k_offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
     base = random_input((G, M, Nk), torch.float32, seed=3)
 
     def run():
         out = base.clone()
+        if kind == "bf16":
+            return dskernels.k_grouped_bf16_gemm_nt_contiguous(a, b, k_offsets, out, accumulate=accumulate,
+                                                               backend=backend)
         return dskernels.k_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, k_offsets, out, accumulate=accumulate,
                                                           backend=backend)
     out = run()
@@ -227,14 +243,18 @@ def test_k_grouped_weight_gradient_matches_the_loop(backend, segments, accumulat
         seg, kb = slice(start, start + n), slice(start // 128, (start + n) // 128)
         start += n
         if n:
-            want, mag = exact("fp8", a[:, seg], sa[:, kb], b[:, seg], sb[:, kb])
+            want, mag = exact(kind, a[:, seg], None if sa is None else sa[:, kb], b[:, seg],
+                              None if sb is None else sb[:, kb])
         else:
             want = mag = torch.zeros(M, Nk, dtype=torch.float64, device=DEVICE)
         if accumulate:
             want, mag = want + base[g].double(), mag + base[g].double().abs()
         assert_finite("out", out[g])
-        elem, whole, row = gemm_tier1_errors(out[g], want, mag, torch.float32, accumulation(backend))
-        assert max(elem, whole, row) <= 1, f"group {g}: per element {elem:.3g}, whole {whole:.3g}, row {row:.3g}"
+        if kind == "fp8":
+            elem, whole, row = gemm_tier1_errors(out[g], want, mag, torch.float32, accumulation(backend))
+            assert max(elem, whole, row) <= 1, f"group {g}: per element {elem:.3g}, whole {whole:.3g}, row {row:.3g}"
+        else:  # bf16 products exact in fp32, fp32 sums of up to T terms
+            assert bool(((out[g].double() - want).abs() <= 4 * T * 2.0 ** -24 * mag + 1e-30).all()), f"group {g}"
 
 
 @pytest.mark.parametrize("backend", K_GROUPED_BACKENDS)

@@ -7,7 +7,7 @@ gradients end to end against float64 autograd; bad arguments refused by name."""
 import pytest
 import torch
 
-from conformance.conftest import DEVICE, backends_for, gpu_only, random_input, seed_of, twice_poisoned
+from conformance.conftest import DEVICE, available, backends_for, gpu_only, random_input, seed_of, twice_poisoned
 from dskernels import moe
 from dskernels.reference import moe as ref
 from dskernels.reference import quant as rq
@@ -279,3 +279,127 @@ def test_layout_gives_an_expert_id_out_of_range_no_row(backend):
     y = random_input((lay.m_indices.shape[0], 64), torch.bfloat16, seed=72)
     out = moe.combine(y, lay, torch.ones(30, 2, device=DEVICE), backend=backend)
     assert bool(out[3].isnan().all()) and bool(out[7].isnan().all()) and bool(out[4].isfinite().all())
+
+
+# --- the expert MLP ------------------------------------------------------------------------------------
+
+def swiglu_case(rows_kind, I, seed):
+    """h [rows, 2I] bf16 and token_of_row with padding rows (-1) whose h is NaN (the GEMM leaves them)."""
+    rows = {"some": 300, "one": 1}[rows_kind]
+    h = random_input((rows, 2 * I), torch.bfloat16, seed=seed, outliers=False)
+    tok = torch.arange(rows, dtype=torch.int32, device=DEVICE)
+    tok[::3] = -1
+    h[tok < 0] = float("nan")
+    return h, tok
+
+
+@pytest.mark.parametrize("backend", backends_for("moe_swiglu"))
+@pytest.mark.parametrize("rows_kind,I", [("some", 256), ("some", 200), ("one", 128)])
+def test_swiglu_and_its_backward_match_the_specification(backend, rows_kind, I):
+    h, tok = swiglu_case(rows_kind, I, seed_of("swiglu", rows_kind, I))
+    act = twice_poisoned(lambda: moe.swiglu(h, tok, backend=backend))
+    want = ref.swiglu(h, tok)
+    # fp32 math with the platform's exp, rounded once to bf16: within one bf16 rounding of the specification
+    assert bool(((act.float() - want).abs() <= 2.0 ** -8 * want.abs() + 1e-30).all())
+    assert bool((act[tok < 0] == 0).all())
+    grad = random_input((h.shape[0], I), torch.bfloat16, seed=seed_of("swiglu_grad", rows_kind, I))
+    got = twice_poisoned(lambda: moe._run_swiglu_backward(h, grad, tok, backend))
+    want_h = ref.swiglu_backward(h.float(), grad, tok)
+    assert bool(((got.float() - want_h).abs() <= 2.0 ** -8 * want_h.abs() + 2.0 ** -20).all())
+    assert bool((got[tok < 0] == 0).all())
+
+
+@pytest.mark.parametrize("backend", backends_for("moe_swiglu_fp8"))
+@pytest.mark.parametrize("rows_kind,I", [("some", 256), ("one", 128)])
+def test_swiglu_fp8_is_within_e4m3_rounding(backend, rows_kind, I):
+    h, tok = swiglu_case(rows_kind, I, seed_of("swiglu_fp8", rows_kind, I))
+    q, s = twice_poisoned(lambda: moe.swiglu(h, tok, fp8=True, backend=backend))
+    act = ref.swiglu(h, tok).double()
+    scale = s.double().repeat_interleave(128, dim=1)[:, :I]
+    deq = q.double() * scale
+    assert bool(((deq - act).abs() <= 2.0 ** -4 * act.abs() + 2.0 ** -10 * scale).all())
+    assert bool((q[tok < 0].view(torch.uint8) == 0).all())
+    want_s = rq.per_token_group_quant(ref.swiglu(h, tok), False)[1]
+    assert torch.allclose(s, want_s, rtol=2.0 ** -20, atol=0)  # amax / 448 of (nearly) the same act
+
+
+def expert_mlp_float64(x, idx, weights, w13, w2):
+    """The routed layer token by token in float64: sum_j w[t, j] * w2[e] (silu(g) * u), [g; u] = w13[e] x[t]."""
+    x, w13, w2 = x.double(), w13.double(), w2.double()
+    I = w2.shape[2]
+    out = torch.zeros_like(x)
+    for j in range(idx.shape[1]):
+        e = idx[:, j].long()
+        h = torch.einsum("tnd,td->tn", w13[e], x)
+        act = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+        out = out + weights[:, j:j + 1].double() * torch.einsum("tdi,ti->td", w2[e], act)
+    return out
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("backend", backends_for("moe_swiglu"))
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("kind", ["random", "skewed", "empty_expert"])
+def test_experts_forward_and_gradients_against_float64(backend, fp8, kind):
+    if fp8 and backend not in available(backends_for("moe_swiglu_fp8")):
+        pytest.skip("no FP8 here")
+    E, k, T, D, I = 4, 2, 37, 128, 128
+    idx, layout, x, weights = case(kind, E=E, k=k, T=T, D=D, seed=seed_of("experts", kind))
+    g = torch.Generator().manual_seed(81)
+    w13 = (torch.randn(E, 2 * I, D, generator=g) * D ** -0.5).to(DEVICE).requires_grad_()
+    w2 = (torch.randn(E, D, I, generator=g) * I ** -0.5).to(DEVICE).requires_grad_()
+    xx = x.clone().requires_grad_()
+    y = moe.combine(moe.experts(xx, layout, w13, w2, fp8=fp8, backend=backend), layout, weights, backend=backend)
+    c = random_input((T, D), torch.float32, seed=82, outliers=False)
+    (y.float() * c).sum().backward()
+    x64, w13_64, w2_64 = (t.detach().double().requires_grad_() for t in (x, w13, w2))
+    want = expert_mlp_float64(x64, idx, weights, w13_64, w2_64)
+    (want * c.double()).sum().backward()
+    # e4m3 keeps 3 mantissa bits (about 3.6 % rms per rounding), bf16 8: the forward meets two roundings (x,
+    # act) and the weights', a gradient four more (dy, dh and the transposed weights) and the forward's h
+    fwd, grads = (0.08, 0.15) if fp8 else (0.01, 0.015)
+    assert rel(y, want) <= fwd
+    assert rel(xx.grad, x64.grad) <= grads
+    for e in range(E):  # expert by expert: an expert's gradient lost or swapped fails
+        if int(layout.counts[e]):
+            assert rel(w13.grad[e], w13_64.grad[e]) <= grads and rel(w2.grad[e], w2_64.grad[e]) <= grads, e
+        else:
+            assert float(w13.grad[e].abs().max()) == 0 and float(w2.grad[e].abs().max()) == 0, e
+
+
+@pytest.mark.parametrize("backend", backends_for("moe_swiglu"))
+def test_moe_layer_trains_and_balances(backend):
+    """The layer end to end: gradients reach the gate, both expert weights and the shared MLP; FP8 and BF16
+    layers with the same weights agree to FP8's precision; update_bias lowers the busiest expert's bias; the
+    FP8 copies follow an in-place weight update."""
+    torch.manual_seed(91)
+    bf16 = moe.MoE(128, 128, 4, 2, n_shared_experts=1, route_scale=2.0,
+                   backend=backend, device=DEVICE)
+    x = random_input((20, 128), torch.bfloat16, seed=92, outliers=False).requires_grad_()
+    y = bf16(x)
+    y.float().sum().backward()
+    for name, p in bf16.named_parameters():
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+    counts = bf16.last_counts.clone()
+    before = bf16.bias.clone()
+    bf16.update_bias(gamma=0.01)
+    busiest = int(counts.argmax())
+    assert float(bf16.bias[busiest]) < float(before[busiest]) and int(counts.sum()) == 20 * 2
+    if backend not in available(backends_for("moe_swiglu_fp8")):
+        return
+    fp8 = moe.MoE(128, 128, 4, 2, n_shared_experts=1, route_scale=2.0,
+                  fp8=True, backend=backend, device=DEVICE)
+    fp8.load_state_dict(bf16.state_dict())
+    with torch.no_grad():
+        assert rel(fp8(x), bf16(x)) <= 0.08
+        first = fp8(x)
+        fp8.w2.mul_(2.0)  # in place: a new version, so new FP8 copies
+        fresh = moe.MoE(128, 128, 4, 2, n_shared_experts=1, route_scale=2.0,
+                        fp8=True, backend=backend, device=DEVICE)
+        fresh.load_state_dict(fp8.state_dict())
+        again = fp8(x)
+        assert torch.equal(again, fresh(x)) and not torch.equal(again, first)

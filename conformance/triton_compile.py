@@ -58,7 +58,11 @@ def kernels():
              "stride_sa_k": "i32", "stride_sb_n": "i32", "stride_sb_k": "i32"}
     for cfg in tgg.CONFIGS:
         meta, opts = split(cfg)
-        yield (f"fp8_gemm_k_grouped({cfg})", tgg._k_grouped_kernel, k_sig, {"ACCUMULATE": True, **meta}, opts)
+        yield (f"fp8_gemm_k_grouped({cfg})", tgg._k_grouped_kernel, k_sig,
+               {"ACCUMULATE": True, "FP8": True, "BLOCK_K": 128, "EMULATE": False, **meta}, opts)
+        yield (f"bf16_gemm_k_grouped({cfg})", tgg._k_grouped_kernel,
+               {**k_sig, "a_ptr": "*bf16", "b_ptr": "*bf16", "sa_ptr": "*bf16", "sb_ptr": "*bf16"},
+               {"ACCUMULATE": True, "FP8": False, "BLOCK_K": 64, "EMULATE": False, **meta}, opts)
     perm_sig = {"x_ptr": "*bf16", "tok_ptr": "*i32", "out_ptr": "*bf16", "s_ptr": "*fp32", "T": "i32", "D": "i32",
                 "stride_x": "i32", "stride_out": "i32", "stride_sr": "i32", "stride_sg": "i32"}
     yield ("moe_permute", tmoe._permute_kernel, perm_sig, {"FP8": False, "POW2": False, "BLOCK_D": 1024,
@@ -91,6 +95,15 @@ def kernels():
     yield ("moe_layout_scatter", tmoe._layout_scatter_kernel,
            {"idx_ptr": "*i32", "offs_ptr": "*i32", "start_ptr": "*i32", "row_of_slot_ptr": "*i32", "mind_ptr": "*i32",
             "tok_ptr": "*i32", "S": "i32", "E": "i32", "K": "i32"}, {"BLOCK_S": 128, "E_PAD": 256}, {"num_warps": 4})
+    swiglu_sig = {"h_ptr": "*bf16", "tok_ptr": "*i32", "out_ptr": "*bf16", "s_ptr": "*fp32", "I": "i32",
+                  "stride_h": "i32", "stride_out": "i32", "stride_sr": "i32", "stride_sg": "i32"}
+    yield ("moe_swiglu", tmoe._swiglu_kernel, swiglu_sig, {"FP8": False, "POW2": False, "EMULATE": False},
+           {"num_warps": 4})
+    yield ("moe_swiglu(fp8)", tmoe._swiglu_kernel, {**swiglu_sig, "out_ptr": "*fp8e4nv"},
+           {"FP8": True, "POW2": False, "EMULATE": False}, {"num_warps": 4})
+    yield ("moe_swiglu_backward", tmoe._swiglu_backward_kernel,
+           {"h_ptr": "*bf16", "d_ptr": "*bf16", "tok_ptr": "*i32", "dh_ptr": "*bf16", "I": "i32", "stride_h": "i32",
+            "stride_d": "i32", "stride_dh": "i32"}, {"BLOCK": 1024, "EMULATE": False}, {"num_warps": 4})
     split_sig = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "bt_ptr": "*i32", "seqlens_ptr": "*i32", "items_ptr": "*i32",
                  "offsets_ptr": "*i32", "bad_ptr": "*i32", "made_seqlens_ptr": "*i32", "made_hash_ptr": "*i32",
                  "error_ptr": "*i32", "o_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "lse_out_ptr": "*fp32",

@@ -58,6 +58,7 @@ SUPPORT = {  # op -> {backend: capability range}; a backend not listed has no im
     "m_grouped_fp8_gemm": {"triton": FP8},
     "m_grouped_bf16_gemm": {"triton": BF16},
     "k_grouped_fp8_gemm": {"triton": FP8},
+    "k_grouped_bf16_gemm": {"triton": BF16},
     "mla_decode": {"cuda": SM90, "triton": BF16},
     "mla_decode_fp8_cache": {"triton": FP8},
     "get_mla_metadata": {"cuda": SM90},
@@ -68,6 +69,8 @@ SUPPORT = {  # op -> {backend: capability range}; a backend not listed has no im
     "moe_permute": {"triton": BF16},
     "moe_permute_fp8": {"triton": FP8},
     "moe_combine": {"triton": BF16},
+    "moe_swiglu": {"triton": BF16},
+    "moe_swiglu_fp8": {"triton": FP8},
 }
 
 

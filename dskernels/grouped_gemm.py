@@ -22,6 +22,7 @@
         operands K-major, where DeepGEMM's k_grouped_fp8_gemm_tn_contiguous takes them token-major). The
         whole segment is reduced, its padding tokens included: they must be zero (a permute writes them so).
         A group whose segment breaks the rule comes back NaN.
+    k_grouped_bf16_gemm_nt_contiguous(a, b, k_offsets, out, accumulate=True): the same with bf16 a and b.
 
 The numerics are the dense GEMM's (dskernels.reference.gemm), per expert: dskernels.reference.grouped_gemm
 is the specification. No host sync: m_indices and masked_m are read on the device, so the masked form
@@ -39,7 +40,7 @@ FP8 = torch.float8_e4m3fn
 
 __all__ = ["get_mk_alignment_for_contiguous_layout", "m_grouped_fp8_gemm_nt_contiguous",
            "m_grouped_fp8_gemm_nt_masked", "m_grouped_bf16_gemm_nt_contiguous", "m_grouped_bf16_gemm_nt_masked",
-           "k_grouped_fp8_gemm_nt_contiguous"]
+           "k_grouped_fp8_gemm_nt_contiguous", "k_grouped_bf16_gemm_nt_contiguous"]
 
 
 def get_mk_alignment_for_contiguous_layout() -> int:
@@ -168,7 +169,7 @@ def m_grouped_bf16_gemm_nt_masked(a, b, masked_m, expected_m: int, *, out=None, 
 # The k-grouped weight gradient.
 
 def _k_reference(a, a_scale, b, b_scale, k_offsets, out, accumulate):
-    _ref.k_grouped_fp8_gemm(a, a_scale, b, b_scale, k_offsets.cpu(), out, accumulate)
+    _ref.k_grouped_gemm(a, a_scale, b, b_scale, k_offsets.cpu(), out, accumulate)
 
 
 def _k_triton(a, a_scale, b, b_scale, k_offsets, out, accumulate):
@@ -186,7 +187,7 @@ def _k_grouped(a, a_scale, b, b_scale, k_offsets, out, accumulate, backend):
 
 
 @torch.library.custom_op("dskernels::k_grouped_fp8_gemm", mutates_args=("out",))
-def _k_grouped_op(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+def _k_grouped_op(a: torch.Tensor, a_scale: torch.Tensor | None, b: torch.Tensor, b_scale: torch.Tensor | None,
                   k_offsets: torch.Tensor, out: torch.Tensor, accumulate: bool, backend: str) -> None:
     _k_grouped(a, a_scale, b, b_scale, k_offsets, out, accumulate, backend)
 
@@ -196,25 +197,25 @@ def _(a, a_scale, b, b_scale, k_offsets, out, accumulate, backend):
     return None
 
 
-def k_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, k_offsets, out, *, accumulate: bool = True,
-                                     backend: str = "auto"):
-    """The experts' weight gradients into out [G, M, N] fp32 (module docstring); returns out.
-    backend: "auto", "triton" (sm_89 and newer) or "reference"."""
+def _run_k_grouped(op, a, a_scale, b, b_scale, k_offsets, out, accumulate, backend):
+    fp8 = a_scale is not None
+    dtype = FP8 if fp8 else torch.bfloat16
     names = ("a", "a_scale", "b", "b_scale", "k_offsets", "out")
-    a, a_scale, b, b_scale, k_offsets, out = (_backend.as_tensor(n, t) for n, t in
+    a, a_scale, b, b_scale, k_offsets, out = (None if t is None else _backend.as_tensor(n, t) for n, t in
                                               zip(names, (a, a_scale, b, b_scale, k_offsets, out)))
-    check_tensor("a", a, dtypes=(FP8,), ndim=2, nonempty=False)
+    check_tensor("a", a, dtypes=(dtype,), ndim=2, nonempty=False)
     M, K_total = a.shape
     if K_total % 128:
         raise ValueError(f"a's K_total (the tokens) must be a multiple of 128 (every segment is), got {K_total}")
-    check_tensor("b", b, dtypes=(FP8,), ndim=2, device=a.device, nonempty=False)
+    check_tensor("b", b, dtypes=(dtype,), ndim=2, device=a.device, nonempty=False)
     if b.shape[1] != K_total:
         raise ValueError(f"b must have K_total = {K_total} columns like a (out[g] = a[:, seg] @ b[:, seg].T), got "
                          f"shape {tuple(b.shape)}")
     N = b.shape[0]
-    for name, t, rows in (("a_scale", a_scale, M), ("b_scale", b_scale, N)):
-        check_tensor(name, t, dtypes=(torch.float32,), ndim=2, device=a.device, contiguous=False, nonempty=False)
-        check_shape(name, t, (rows, K_total // 128))
+    if fp8:
+        for name, t, rows in (("a_scale", a_scale, M), ("b_scale", b_scale, N)):
+            check_tensor(name, t, dtypes=(torch.float32,), ndim=2, device=a.device, contiguous=False, nonempty=False)
+            check_shape(name, t, (rows, K_total // 128))
     check_tensor("k_offsets", k_offsets, dtypes=(torch.int32,), ndim=1, device=a.device)
     G = k_offsets.shape[0] - 1
     if G < 1:
@@ -222,7 +223,21 @@ def k_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, k_offsets, out, *, 
     check_tensor("out", out, dtypes=(torch.float32,), ndim=3, device=a.device, nonempty=False)
     check_shape("out", out, (G, M, N))
     accumulate = check_bool("accumulate", accumulate)
-    name = _backend.resolve("k_grouped_fp8_gemm", backend, a.device)
-    run = _backend.pick(_k_grouped, _k_grouped_op, a, a_scale, b, b_scale, k_offsets, out)
+    name = _backend.resolve(op, backend, a.device)
+    run = _backend.pick(_k_grouped, _k_grouped_op, *(t for t in (a, a_scale, b, b_scale, k_offsets, out)
+                                                    if t is not None))
     run(a, a_scale, b, b_scale, k_offsets, out, accumulate, name)
     return out
+
+
+def k_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, k_offsets, out, *, accumulate: bool = True,
+                                     backend: str = "auto"):
+    """The experts' weight gradients into out [G, M, N] fp32 (module docstring); returns out.
+    backend: "auto", "triton" (sm_89 and newer) or "reference"."""
+    return _run_k_grouped("k_grouped_fp8_gemm", a, a_scale, b, b_scale, k_offsets, out, accumulate, backend)
+
+
+def k_grouped_bf16_gemm_nt_contiguous(a, b, k_offsets, out, *, accumulate: bool = True, backend: str = "auto"):
+    """The bf16 form of k_grouped_fp8_gemm_nt_contiguous: a [M, K_total] and b [N, K_total] bf16 (the
+    operands transposed, tokens contiguous), fp32 sums; the same segment rule. Returns out."""
+    return _run_k_grouped("k_grouped_bf16_gemm", a, None, b, None, k_offsets, out, accumulate, backend)

@@ -10,9 +10,10 @@
 
 The numerics are specified in dskernels.reference.moe (ties, slot order, fp32 sums, the backwards).
 Memory: no token is ever dropped and no host sync sizes anything, so a layout holds
-layout_rows(T, k, E) = T * k + E * 127 rows (the worst case of every expert's segment padded to 128):
-at T = 4096, k = 8, E = 256 that is 65,280 rows, 1.99x T * k (with 32 local experts, the
-expert-parallel case, 36,832: 1.12x); permute's output is that many rows of D elements. Padding rows of a permute are zero (the weight gradient sums over them).
+layout_rows(T, k, E) = T * k + E * 127 rows rounded up to 128 (the worst case of every expert's segment
+padded to 128): at T = 4096, k = 8, E = 256 that is 65,280 rows, 1.99x T * k (with 32 local experts,
+the expert-parallel case, 36,864: 1.12x); permute's output is that many rows of D elements. Padding
+rows of a permute are zero (the weight gradient sums over them).
 
 Backends: the reference (PyTorch ops, on any device, without a host sync) and Triton on a GPU for every
 step: the routing's choice (its weights are PyTorch ops on the chosen affinities, the reference's bits),
@@ -35,7 +36,7 @@ FP8 = torch.float8_e4m3fn
 DATA_DTYPES = (torch.bfloat16, torch.float32)
 
 __all__ = ["Layout", "route", "contiguous_layout", "layout_rows", "permute", "permute_fp8", "combine",
-           "update_bias"]
+           "update_bias", "swiglu", "quantize_experts", "experts", "MoE"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,17 +158,22 @@ def _partial_layout(token_of_row, row_of_slot):
     return Layout(None, token_of_row, row_of_slot, None, None)
 
 
+def _write_rows(rows, out, scale, pow2_scale):
+    """The reference's rows into out as they are, or quantized per 1 x 128 (out e4m3 and scale) when scale is
+    given."""
+    if scale is None:
+        out.copy_(rows)
+    else:
+        q, s = _ref_quant.per_token_group_quant(rows, pow2_scale)
+        out.copy_(q)
+        scale.copy_(s)
+
+
 def _permute(x, token_of_row, out, scale, pow2_scale, backend):
     if not out.numel():
         return
     if backend == "reference":
-        rows = _ref.permute(x, _partial_layout(token_of_row, None))
-        if scale is None:
-            out.copy_(rows)
-        else:
-            q, s = _ref_quant.per_token_group_quant(rows, pow2_scale)
-            out.copy_(q)
-            scale.copy_(s)
+        _write_rows(_ref.permute(x, _partial_layout(token_of_row, None)), out, scale, pow2_scale)
         return
     from dskernels.triton import moe as tm  # imported lazily: triton is optional
     with _backend.on_device(x):
@@ -335,3 +341,289 @@ def combine(y, layout: Layout, topk_weights, *, backend: str = "auto"):
     check_shape("topk_weights", topk_weights, tuple(layout.row_of_slot.shape))
     name = _backend.resolve("moe_combine", backend, y.device)
     return _Combine.apply(y, topk_weights, layout.token_of_row, layout.row_of_slot, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The expert MLP: gate and up fused (w13 [G, 2I, D]), SwiGLU, down (w2 [G, D, I]), over the layout's rows.
+
+def _swiglu(h, token_of_row, out, scale, pow2_scale, backend):
+    if backend == "reference":
+        _write_rows(_ref.swiglu(h, token_of_row), out, scale, pow2_scale)
+        return
+    from dskernels.triton import moe as tm
+    with _backend.on_device(h):
+        tm.swiglu(h, token_of_row, out, scale, pow2_scale)
+
+
+@torch.library.custom_op("dskernels::moe_swiglu", mutates_args=("out", "scale"))
+def _swiglu_op(h: torch.Tensor, token_of_row: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None,
+               pow2_scale: bool, backend: str) -> None:
+    _swiglu(h, token_of_row, out, scale, pow2_scale, backend)
+
+
+@_swiglu_op.register_fake
+def _(h, token_of_row, out, scale, pow2_scale, backend):
+    return None
+
+
+def _swiglu_backward(h, grad, token_of_row, grad_h, backend):
+    if backend == "reference":
+        grad_h.copy_(_ref.swiglu_backward(h, grad, token_of_row))
+        return
+    from dskernels.triton import moe as tm
+    with _backend.on_device(h):
+        tm.swiglu_backward(h, grad, token_of_row, grad_h)
+
+
+@torch.library.custom_op("dskernels::moe_swiglu_backward", mutates_args=("grad_h",))
+def _swiglu_backward_op(h: torch.Tensor, grad: torch.Tensor, token_of_row: torch.Tensor, grad_h: torch.Tensor,
+                        backend: str) -> None:
+    _swiglu_backward(h, grad, token_of_row, grad_h, backend)
+
+
+@_swiglu_backward_op.register_fake
+def _(h, grad, token_of_row, grad_h, backend):
+    return None
+
+
+def swiglu(h, token_of_row, *, fp8: bool = False, pow2_scale: bool = False, backend: str = "auto"):
+    """act [rows, I] = silu(h[:, :I]) * h[:, I:] from the w13 GEMM's output h [rows, 2I] bf16, in fp32 and
+    then rounded to bf16, or quantized (fp8=True: e4m3 with 1 x 128 scales, MN-major, for the w2 GEMM);
+    padding rows (token_of_row -1) are zero, whatever h holds there. No gradient (experts() has it)."""
+    h = _backend.as_tensor("h", h)
+    check_tensor("h", h, dtypes=(torch.bfloat16,), ndim=2, nonempty=False)
+    check_tensor("token_of_row", token_of_row, dtypes=(torch.int32,), ndim=1, device=h.device, nonempty=False)
+    if h.shape[1] % 2 or token_of_row.shape[0] != h.shape[0]:
+        raise ValueError(f"h must be [rows, 2I] with token_of_row's {token_of_row.shape[0]} rows, got "
+                         f"{tuple(h.shape)}")
+    check_bool("fp8", fp8)
+    check_bool("pow2_scale", pow2_scale)
+    name = _backend.resolve("moe_swiglu_fp8" if fp8 else "moe_swiglu", backend, h.device)
+    rows, I = h.shape[0], h.shape[1] // 2
+    out = _backend.empty((rows, I), FP8 if fp8 else torch.bfloat16, h.device)
+    scale = _scale_tensor(rows, cdiv(I, BLOCK), "col", h.device) if fp8 else None
+    tensors = (h, token_of_row, out) if scale is None else (h, token_of_row, out, scale)
+    _backend.pick(_swiglu, _swiglu_op, *tensors)(h, token_of_row, out, scale, pow2_scale, name)
+    return (out, scale) if fp8 else out
+
+
+def _k_offsets(layout):
+    """[G + 1] int32: the segments' starts and the last one's end (each padded to the alignment)."""
+    end = layout.segment_start[-1:] + (layout.counts[-1:] + _ref.ALIGNMENT - 1) // _ref.ALIGNMENT * _ref.ALIGNMENT
+    return torch.cat([layout.segment_start, end]).to(torch.int32)
+
+
+def quantize_experts(w13, w2, *, backend: str = "auto"):
+    """The experts' FP8 copies for experts(fp8=True): w13 [G, 2I, D] and w2 [G, D, I] per 128 x 128 block,
+    each with its per-expert transpose (the input gradient's operand), as a list [w13 q, s, w13^T q, s, w2 q,
+    s, w2^T q, s]. An MoE module keeps it between optimizer steps."""
+    from dskernels.linear import quantize_weight
+    out = []
+    for w in (w13, w2):
+        G, N, K = w.shape
+        q, s, q_t, s_t = quantize_weight(w.reshape(G * N, K), transposed=True, backend=backend)
+        out += [q.view(G, N, K), s.view(G, N // BLOCK, K // BLOCK),
+                q_t.view(K, G, N).transpose(0, 1).contiguous(),
+                s_t.view(K // BLOCK, G, N // BLOCK).transpose(0, 1).contiguous()]
+    return out
+
+
+class _Experts(torch.autograd.Function):
+    """y_rows = w2 SwiGLU(w13 x_rows) per expert over the layout's rows, forward and backward through the
+    grouped GEMMs (FP8 with DeepSeek-V3's recipe, or BF16); padding rows of y are left unwritten."""
+
+    @staticmethod
+    def forward(ctx, x, w13, w2, layout_tensors, fp8, quantized, backend):
+        from dskernels import grouped_gemm as gg
+        m_indices, token_of_row, row_of_slot, segment_start, counts = layout_tensors
+        layout = Layout(*layout_tensors)
+        b = backend
+        if fp8:
+            w13q, w13s, _, _, w2q, w2s, _, _ = quantized
+            xq, xs = permute_fp8(x, layout, scale_layout="col", backend=b)
+            h = gg.m_grouped_fp8_gemm_nt_contiguous(xq, xs, w13q, w13s, m_indices, backend=b)
+            aq, as_ = swiglu(h, token_of_row, fp8=True, backend=b)
+            y = gg.m_grouped_fp8_gemm_nt_contiguous(aq, as_, w2q, w2s, m_indices, backend=b)
+        else:
+            h = gg.m_grouped_bf16_gemm_nt_contiguous(permute(x, layout, backend=b), w13.to(torch.bfloat16), m_indices,
+                                                     backend=b)
+            y = gg.m_grouped_bf16_gemm_nt_contiguous(swiglu(h, token_of_row, backend=b), w2.to(torch.bfloat16),
+                                                     m_indices, backend=b)
+        ctx.save_for_backward(x, w13, w2, h, *layout_tensors)
+        ctx.fp8, ctx.quantized, ctx.backend = fp8, quantized, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from dskernels import grouped_gemm as gg
+        from dskernels.quant import per_token_group_quant_both, per_token_group_quant_transposed
+        x, w13, w2, h, *layout_tensors = ctx.saved_tensors
+        layout = Layout(*layout_tensors)
+        m_indices, token_of_row = layout.m_indices, layout.token_of_row
+        b, k_offsets = ctx.backend, _k_offsets(layout)
+        G, two_i, D = w13.shape
+        dy = dy.contiguous()  # [rows, D]: zero on padding rows (combine's gradient)
+        act = swiglu(h, token_of_row, backend=b)  # recomputed in bf16: the w2 gradient's operand
+        x_rows = permute(x.detach(), layout, backend=b)
+        dw13 = _backend.empty((G, two_i, D), torch.float32, x.device)  # (every group written: accumulate=False)
+        dw2 = _backend.empty((G, D, two_i // 2), torch.float32, x.device)
+        if ctx.fp8:
+            _, _, w13tq, w13ts, _, _, w2tq, w2ts = ctx.quantized
+            dyq, dys, dytq, dyts = per_token_group_quant_both(dy, scale_layout="col", backend=b)
+            d_act = gg.m_grouped_fp8_gemm_nt_contiguous(dyq, dys, w2tq, w2ts, m_indices, backend=b)
+            atq, ats = per_token_group_quant_transposed(act, backend=b)
+            gg.k_grouped_fp8_gemm_nt_contiguous(dytq, dyts, atq, ats, k_offsets, dw2, accumulate=False, backend=b)
+            dh = _run_swiglu_backward(h, d_act, token_of_row, _backend.resolve("moe_swiglu", b, h.device))
+            dhq, dhs, dhtq, dhts = per_token_group_quant_both(dh, scale_layout="col", backend=b)
+            dx_rows = gg.m_grouped_fp8_gemm_nt_contiguous(dhq, dhs, w13tq, w13ts, m_indices, backend=b)
+            xtq, xts = per_token_group_quant_transposed(x_rows, backend=b)
+            gg.k_grouped_fp8_gemm_nt_contiguous(dhtq, dhts, xtq, xts, k_offsets, dw13, accumulate=False, backend=b)
+        else:
+            w13t = w13.to(torch.bfloat16).transpose(1, 2).contiguous()
+            w2t = w2.to(torch.bfloat16).transpose(1, 2).contiguous()
+            d_act = gg.m_grouped_bf16_gemm_nt_contiguous(dy, w2t, m_indices, backend=b)
+            gg.k_grouped_bf16_gemm_nt_contiguous(dy.t().contiguous(), act.t().contiguous(), k_offsets, dw2,
+                                                 accumulate=False, backend=b)
+            dh = _run_swiglu_backward(h, d_act, token_of_row, _backend.resolve("moe_swiglu", b, h.device))
+            dx_rows = gg.m_grouped_bf16_gemm_nt_contiguous(dh, w13t, m_indices, backend=b)
+            gg.k_grouped_bf16_gemm_nt_contiguous(dh.t().contiguous(), x_rows.t().contiguous(), k_offsets, dw13,
+                                                 accumulate=False, backend=b)
+        combine_name = _backend.resolve("moe_combine", b, x.device)
+        dx = _run_combine(dx_rows, layout.row_of_slot, None, combine_name)  # a permute's backward
+        return dx.to(x.dtype), dw13.to(w13.dtype), dw2.to(w2.dtype), None, None, None, None
+
+
+def _run_swiglu_backward(h, grad, token_of_row, backend):
+    grad_h = _backend.empty(h.shape, h.dtype, h.device)
+    _backend.pick(_swiglu_backward, _swiglu_backward_op, h, grad, token_of_row, grad_h)(h, grad, token_of_row, grad_h,
+                                                                                       backend)
+    return grad_h
+
+
+def experts(x, layout: Layout, w13, w2, *, fp8: bool = False, quantized=None, backend: str = "auto"):
+    """The routed experts over a layout: x [T, D] (bf16) -> y_rows [rows, D] bf16, row r = w2[e] SwiGLU(w13[e]
+    x[token_of_row[r]]) for its expert e; padding rows unwritten (combine never reads them).
+    w13 [G, 2I, D] (gate rows then up rows) and w2 [G, D, I], fp32 or bf16, D a multiple of 128, I of 64 (of
+    128 for FP8).
+    fp8=True runs the three GEMMs of each pass in FP8 (quantized: quantize_experts(w13, w2), else made here);
+    else bf16 with fp32 sums. Differentiable w.r.t. x, w13 and w2 (the weight gradients in fp32, returned in
+    the parameters' dtype)."""
+    x = _check_x(x, (torch.bfloat16,), layout)
+    for name, w in (("w13", w13), ("w2", w2)):
+        check_tensor(name, w, dtypes=(torch.float32, torch.bfloat16), ndim=3, device=x.device)
+    G, two_i, D = w13.shape
+    check_bool("fp8", fp8)
+    if D != x.shape[1] or two_i % (256 if fp8 else 128) or D % 128 or tuple(w2.shape) != (G, D, two_i // 2):
+        raise ValueError(f"w13 must be [G, 2I, D] and w2 [G, D, I] with D = {x.shape[1]} (x's) a multiple of 128 and "
+                         f"I of {128 if fp8 else 64}, got {tuple(w13.shape)} and {tuple(w2.shape)}")
+    _backend.resolve("moe_swiglu_fp8" if fp8 else "moe_swiglu", backend, x.device)  # (raises naming why)
+    if fp8 and quantized is None:
+        quantized = quantize_experts(w13, w2, backend=backend)
+    layout_tensors = (layout.m_indices, layout.token_of_row, layout.row_of_slot, layout.segment_start, layout.counts)
+    return _Experts.apply(x, w13, w2, layout_tensors, fp8, quantized, backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer.
+
+class MoE(torch.nn.Module):
+    """A DeepSeekMoE layer: the gate (routing with the balancing bias), n_routed_experts SwiGLU experts of
+    intermediate size inter_dim, of which each token uses n_activated_experts, and n_shared_experts always-on
+    experts (one SwiGLU MLP of n_shared_experts * inter_dim), in FP8 (fp8=True: the routed experts' and
+    the shared MLP's GEMMs, forward and backward, with DeepSeek-V3's recipe; the gate stays fp32) or BF16.
+    Parameters: gate.weight [E, dim], w13 [E, 2 * inter_dim, dim] (each expert's gate rows then up rows),
+    w2 [E, dim, inter_dim], the shared MLP's; keep them fp32 (master weights) or bf16. The buffer `bias`
+    [E] fp32 steers the choice only; update_bias() moves it after a step (outside autograd).
+
+    forward(x [..., dim] bf16) splits into route(), dispatch(), run_experts() and combine() so that an
+    expert-parallel dispatch can replace the local one; the last call's expert loads stay in
+    self.last_counts (a device tensor) for update_bias. The experts' FP8 copies are made once per weight
+    version (as FP8Linear's: an optimizer step, or any in-place update, makes new ones)."""
+
+    def __init__(self, dim: int, inter_dim: int, n_routed_experts: int, n_activated_experts: int, *,
+                 n_shared_experts: int = 1, n_expert_groups: int = 1, n_limited_groups: int = 1,
+                 route_scale: float = 1.0, score_func: str = "sigmoid", fp8: bool = False, device=None, dtype=None,
+                 backend: str = "auto"):
+        super().__init__()
+        for name, v in (("dim", dim), ("inter_dim", inter_dim), ("n_routed_experts", n_routed_experts),
+                        ("n_activated_experts", n_activated_experts)):
+            check_int(name, v, minimum=1)
+        check_int("n_shared_experts", n_shared_experts, minimum=0)
+        check_bool("fp8", fp8)
+        if dim % 128 or inter_dim % (128 if fp8 else 64):
+            raise ValueError(f"dim must be a multiple of 128 and inter_dim of {128 if fp8 else 64} (the FP8 GEMMs "
+                             f"reduce over it in 128 blocks), got {dim} and {inter_dim}")
+        check_choice("score_func", score_func, ("sigmoid", "softmax"))
+        self.dim, self.inter_dim, self.fp8, self.backend = dim, inter_dim, fp8, backend
+        self.n_routed_experts, self.topk = n_routed_experts, n_activated_experts
+        self.n_group, self.topk_group = n_expert_groups, n_limited_groups
+        self.route_scale, self.score_func = route_scale, score_func
+        E = n_routed_experts
+        factory = dict(device=device, dtype=dtype)
+        self.gate = torch.nn.Linear(dim, E, bias=False, device=device, dtype=torch.float32)
+        self.register_buffer("bias", torch.zeros(E, device=device, dtype=torch.float32))
+        self.w13 = torch.nn.Parameter(torch.empty(E, 2 * inter_dim, dim, **factory))
+        self.w2 = torch.nn.Parameter(torch.empty(E, dim, inter_dim, **factory))
+        for w in (self.w13, self.w2):  # as nn.Linear's weights, per expert
+            torch.nn.init.uniform_(w, -w.shape[2] ** -0.5, w.shape[2] ** -0.5)
+        self.shared = None
+        if n_shared_experts:
+            from dskernels.linear import FP8Linear
+            linear = (lambda i, o: FP8Linear(i, o, bias=False, backend=backend, **factory)) if fp8 else \
+                (lambda i, o: torch.nn.Linear(i, o, bias=False, **factory))
+            s = n_shared_experts * inter_dim
+            self.shared = torch.nn.ModuleDict({"w13": linear(dim, 2 * s), "w2": linear(s, dim)})
+        self.last_counts = None
+        self._cached = None
+
+    def route(self, x2):
+        """x2 [T, dim] -> topk_idx, topk_weights (differentiable w.r.t. the gate), counts."""
+        logits = self.gate(x2.float())
+        return route(logits, self.bias, self.topk, n_group=self.n_group, topk_group=self.topk_group,
+                     route_scale=self.route_scale, score=self.score_func, backend=self.backend)
+
+    def dispatch(self, x2, topk_idx):
+        """The local dispatch: the contiguous layout of this GPU's experts (an expert-parallel one replaces it)."""
+        return contiguous_layout(topk_idx, self.n_routed_experts, backend=self.backend)
+
+    def _quantized_experts(self):
+        w13, w2 = self.w13, self.w2
+        if torch.compiler.is_compiling() or (w13.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return quantize_experts(w13, w2, backend=self.backend)
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.shape) for w in (w13, w2))
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, quantize_experts(w13, w2, backend=self.backend))
+        return self._cached[1]
+
+    def run_experts(self, x2, layout):
+        quantized = self._quantized_experts() if self.fp8 else None
+        return experts(x2, layout, self.w13, self.w2, fp8=self.fp8, quantized=quantized, backend=self.backend)
+
+    def combine(self, y_rows, layout, topk_weights):
+        return combine(y_rows, layout, topk_weights, backend=self.backend)
+
+    def forward(self, x):
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [..., {self.dim}], got {tuple(x.shape)}")
+        x2 = x.reshape(-1, self.dim).to(torch.bfloat16)
+        topk_idx, topk_weights, counts = self.route(x2)
+        self.last_counts = counts.detach()
+        layout = self.dispatch(x2, topk_idx)
+        y = self.combine(self.run_experts(x2, layout), layout, topk_weights)
+        if self.shared is not None:
+            g, u = self._shared(self.shared["w13"], x2).float().chunk(2, dim=-1)
+            y = y + self._shared(self.shared["w2"], (torch.nn.functional.silu(g) * u).to(torch.bfloat16)).to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.dim).to(x.dtype)
+
+    def _shared(self, linear, x):
+        """The shared MLP's projections: FP8Linear, or a bf16 GEMM over the (fp32 or bf16) parameter."""
+        return linear(x) if self.fp8 else torch.nn.functional.linear(x, linear.weight.to(x.dtype))
+
+    @torch.no_grad()
+    def update_bias(self, counts=None, gamma: float = 0.001):
+        """The auxiliary-loss-free balancing step: bias -= gamma * sign(load - mean load), from counts (the
+        last forward's when None; all-reduce them first under data parallelism so every rank moves alike)."""
+        counts = self.last_counts if counts is None else counts
+        if counts is None:
+            raise ValueError("update_bias needs counts: run a forward first or pass them")
+        update_bias(self.bias, counts, gamma)

@@ -76,13 +76,14 @@ def m_grouped_gemm_masked(kind, a, a_scale, b, b_scale, masked_m, out_dtype=torc
     return out.to(out_dtype)
 
 
-def k_grouped_fp8_gemm(a, a_scale, b, b_scale, k_offsets, out, accumulate):
-    """out [G, M, N] fp32, in place: out[g] = (out[g] if accumulate else 0) + the group's promoted product."""
+def k_grouped_gemm(a, a_scale, b, b_scale, k_offsets, out, accumulate):
+    """out [G, M, N] fp32, in place: out[g] = (out[g] if accumulate else 0) + the group's product: FP8 promoted
+    (a_scale, b_scale given) or BF16 summed in fp32 (a_scale None)."""
     K_total = a.shape[1]
     offsets = [int(v) for v in k_offsets.tolist()]
     for g in range(len(offsets) - 1):
         start, end = offsets[g], offsets[g + 1]
-        if start < 0 or end > K_total or end < start or start % 128 or (end - start) % 128:
+        if start < 0 or end > K_total or end < start or start % ALIGNMENT or (end - start) % ALIGNMENT:
             out[g] = float("nan")
             continue
         base = out[g] if accumulate else torch.zeros_like(out[g])
@@ -90,5 +91,8 @@ def k_grouped_fp8_gemm(a, a_scale, b, b_scale, k_offsets, out, accumulate):
             out[g] = base
             continue
         k, kb = slice(start, end), slice(start // 128, end // 128)
-        out[g] = base + _gemm.fp8_gemm(a[:, k], a_scale[:, kb], b[:, k], b_scale[:, kb], torch.float32)
+        if a_scale is None:
+            out[g] = base + a[:, k].float() @ b[:, k].float().t()
+        else:
+            out[g] = base + _gemm.fp8_gemm(a[:, k], a_scale[:, kb], b[:, k], b_scale[:, kb], torch.float32)
     return out

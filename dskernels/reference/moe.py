@@ -84,8 +84,9 @@ class Layout:
 
 
 def layout_rows(T: int, k: int, num_experts: int, alignment: int = ALIGNMENT) -> int:
-    """The worst-case row count a contiguous layout is allocated for (no token is ever dropped)."""
-    return T * k + num_experts * (alignment - 1)
+    """The worst-case row count a contiguous layout is allocated for (no token is ever dropped), rounded up
+    to the alignment (so the rows are whole 128-row blocks, as the k-grouped weight gradient reduces)."""
+    return -(-(T * k + num_experts * (alignment - 1)) // alignment) * alignment
 
 
 def contiguous_layout(topk_idx: torch.Tensor, num_experts: int, alignment: int = ALIGNMENT) -> Layout:
@@ -141,6 +142,26 @@ def combine_backward(grad: torch.Tensor, y: torch.Tensor, layout: Layout, topk_w
     grad_y[rows.flatten()] = (topk_weights.float()[:, :, None] * g[:, None, :]).reshape(T * k, y.shape[1])
     grad_weights = (g[:, None, :] * y[rows].float()).sum(dim=-1)
     return grad_y.to(y.dtype), grad_weights
+
+
+def swiglu(h: torch.Tensor, token_of_row: torch.Tensor) -> torch.Tensor:
+    """The expert MLP's activation: h [rows, 2I] (gate then up, the w13 GEMM's output) -> act [rows, I] fp32,
+    silu(gate) * up computed in fp32 (silu(g) = g * sigmoid(g)); padding rows (token_of_row -1) zero, whatever
+    h holds there (the grouped GEMM leaves them unwritten)."""
+    I = h.shape[1] // 2
+    g, u = h[:, :I].float(), h[:, I:].float()
+    act = g * torch.sigmoid(g) * u
+    return torch.where((token_of_row >= 0)[:, None], act, torch.zeros((), device=h.device))
+
+
+def swiglu_backward(h: torch.Tensor, grad: torch.Tensor, token_of_row: torch.Tensor) -> torch.Tensor:
+    """d act [rows, I] -> d h [rows, 2I] in h's dtype (fp32 math, one rounding): d gate = d act * up *
+    sigmoid(g) * (1 + g * (1 - sigmoid(g))), d up = d act * silu(g); padding rows zero."""
+    I = h.shape[1] // 2
+    g, u, d = h[:, :I].float(), h[:, I:].float(), grad.float()
+    sig = torch.sigmoid(g)
+    dh = torch.cat([d * u * sig * (1 + g * (1 - sig)), d * g * sig], dim=1)
+    return torch.where((token_of_row >= 0)[:, None], dh, torch.zeros((), device=h.device)).to(h.dtype)
 
 
 def update_bias(bias: torch.Tensor, counts: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -6,7 +6,8 @@ one aligned segment (BLOCK_M divides the alignment, 128), whose expert is the la
 128 rows (dskernels.reference.grouped_gemm.segment_experts); tiles of padding only return at once, rows that
 break the layout are written as NaN. Masked: program (g, tile) returns at once past masked_m[g], so an
 expert with no rows costs a launch slot and nothing else; no host sync either way. The k-grouped weight
-gradient (_k_grouped_kernel) reduces each group's token segment, read from k_offsets on the device.
+gradient (_k_grouped_kernel, FP8 or BF16) reduces each group's token segment, read from k_offsets on the
+device.
 """
 import triton
 import triton.language as tl
@@ -130,19 +131,20 @@ def grouped_gemm(a, a_scale, b, b_scale, rows, out, masked, hint_m):
 
 @triton.jit
 def _k_grouped_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, off_ptr, M, N, K_TOTAL, stride_sa_m,
-                      stride_sa_k, stride_sb_n, stride_sb_k, ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Program (g, tile): out[g] tile (+)= a[:, seg] @ b[:, seg].T over group g's 128-aligned token segment,
-    # both operands with 1 x 128 scales along the reduction (1D1D), promoted every 128.
-    BLOCK_K: tl.constexpr = 128
+                      stride_sa_k, stride_sb_n, stride_sb_k, ACCUMULATE: tl.constexpr, FP8: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                      EMULATE: tl.constexpr):
+    # Program (g, tile): out[g] tile (+)= a[:, seg] @ b[:, seg].T over group g's 128-aligned token segment:
+    # FP8 operands with 1 x 128 scales along the reduction (1D1D), promoted every 128 (BLOCK_K 128), or
+    # BF16 ones summed in fp32 (BLOCK_K 64).
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     g = pid // (grid_m * grid_n)
     pid_m, pid_n = swizzled_tile(pid % (grid_m * grid_n), grid_m, grid_n, GROUP_M)
     start = tl.load(off_ptr + g)
     end = tl.load(off_ptr + g + 1)
-    broken = (start < 0) | (end > K_TOTAL) | (end < start) | (start % BLOCK_K != 0) | ((end - start) % BLOCK_K != 0)
-    start = tl.multiple_of(tl.where(broken, 0, start), BLOCK_K)  # aligned: the loads can be pipelined
+    broken = (start < 0) | (end > K_TOTAL) | (end < start) | (start % ALIGNMENT != 0) | ((end - start) % ALIGNMENT != 0)
+    start = tl.multiple_of(tl.where(broken, 0, start), ALIGNMENT)  # aligned: the loads can be pipelined
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok, n_ok = rm < M, rn < N
@@ -151,14 +153,17 @@ def _k_grouped_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, off_ptr, M, N, K_TO
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K_TOTAL + start + rk[None, :]
     b_ptrs = b_ptr + rn[None, :].to(tl.int64) * K_TOTAL + start + rk[:, None]  # [BLOCK_K, BLOCK_N]
-    sa_ptrs = sa_ptr + rm * stride_sa_m + (start // BLOCK_K) * stride_sa_k
-    sb_ptrs = sb_ptr + rn * stride_sb_n + (start // BLOCK_K) * stride_sb_k
+    sa_ptrs = sa_ptr + rm * stride_sa_m + (start // 128) * stride_sa_k
+    sb_ptrs = sb_ptr + rn * stride_sb_n + (start // 128) * stride_sb_k
     for kb in range(0, blocks):
         a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
         b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-        sa = tl.load(sa_ptrs + kb * stride_sa_k, mask=m_ok, other=0.0)
-        sb = tl.load(sb_ptrs + kb * stride_sb_k, mask=n_ok, other=0.0)
-        acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        if FP8:
+            sa = tl.load(sa_ptrs + kb * stride_sa_k, mask=m_ok, other=0.0)
+            sb = tl.load(sb_ptrs + kb * stride_sb_k, mask=n_ok, other=0.0)
+            acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
+        else:
+            acc += dot_bf16(a, b, EMULATE)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     out_ptrs = out_ptr + g.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
@@ -170,9 +175,13 @@ def _k_grouped_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, off_ptr, M, N, K_TO
 
 
 def k_grouped_gemm(a, a_scale, b, b_scale, k_offsets, out, accumulate):
-    """out [G, M, N] fp32 (+)= per group's segment of a [M, K_total] @ b [N, K_total].T; arguments checked."""
+    """out [G, M, N] fp32 (+)= per group's segment of a [M, K_total] @ b [N, K_total].T: FP8 with a_scale and
+    b_scale, else BF16 (a_scale None); arguments checked."""
     G, M, N = out.shape
-    cfg = _config(min(M, N), True)
+    fp8 = a_scale is not None
+    cfg = _config(min(M, N), fp8)
     grid = (G * triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
-    _k_grouped_kernel[grid](a, b, out, a_scale, b_scale, k_offsets, M, N, a.shape[1], a_scale.stride(0),
-                            a_scale.stride(1), b_scale.stride(0), b_scale.stride(1), ACCUMULATE=accumulate, **cfg)
+    sa, sb = (a_scale, b_scale) if fp8 else (a, b)  # (unused)
+    _k_grouped_kernel[grid](a, b, out, sa, sb, k_offsets, M, N, a.shape[1], sa.stride(0), sa.stride(1), sb.stride(0),
+                            sb.stride(1), ACCUMULATE=accumulate, FP8=fp8, BLOCK_K=128 if fp8 else 64,
+                            EMULATE=EMULATE_CASTS, **cfg)

@@ -28,6 +28,7 @@ import triton.language as tl
 from dskernels.triton.common import EMULATE_CASTS, scale_from_amax, to_bf16, to_e4m3
 
 GROUP = 128  # the FP8 quantization group along D
+_GROUP = tl.constexpr(GROUP)  # (the kernels' copy: compiled kernels read no other globals)
 
 
 def _block(D: int, cap: int = 1024) -> int:
@@ -41,6 +42,16 @@ def _store_rounded(ptr, v, mask, EMULATE: tl.constexpr):
         tl.store(ptr, to_bf16(v, EMULATE), mask=mask)
     else:
         tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _quant_group(dst, f, mask, s_dst, POW2: tl.constexpr, EMULATE: tl.constexpr):
+    """One 1 x 128 group f (fp32) quantized into dst (e4m3) and its scale into s_dst, as per_token_group_quant."""
+    a = tl.abs(f)
+    a = tl.where(a != a, 0.0, a)  # NaN is left out of the amax (it quantizes to NaN on its own)
+    scale = scale_from_amax(tl.max(a, axis=0), POW2)
+    tl.store(dst, to_e4m3(f * tl.math.div_rn(1.0, scale), EMULATE), mask=mask)
+    tl.store(s_dst, scale)
 
 
 @triton.jit
@@ -58,12 +69,8 @@ def _permute_kernel(x_ptr, tok_ptr, out_ptr, s_ptr, T, D, stride_x, stride_out, 
         v = tl.load(src + d, mask=in_row & valid, other=0.0)
         v = tl.where(bad, float("nan"), v)
         if FP8:  # BLOCK_D == 128: one group
-            f = v.to(tl.float32)
-            a = tl.abs(f)
-            a = tl.where(a != a, 0.0, a)  # NaN is left out of the amax (it quantizes to NaN on its own)
-            scale = scale_from_amax(tl.max(a, axis=0), POW2)
-            tl.store(dst + d, to_e4m3(f * tl.math.div_rn(1.0, scale), EMULATE), mask=in_row)
-            tl.store(s_ptr + r.to(tl.int64) * stride_sr + (d0 // BLOCK_D) * stride_sg, scale)
+            _quant_group(dst + d, v.to(tl.float32), in_row, s_ptr + r.to(tl.int64) * stride_sr + (d0 // BLOCK_D) *
+                         stride_sg, POW2, EMULATE)
         else:
             tl.store(dst + d, v, mask=in_row)
 
@@ -282,3 +289,74 @@ def contiguous_layout(topk_idx, num_experts, alignment, m_indices, token_of_row,
     if S:
         _layout_scatter_kernel[(blocks,)](topk_idx, offs, segment_start, row_of_slot, m_indices, token_of_row, S, E,
                                           topk_idx.shape[1], BLOCK_S=LAYOUT_BLOCK, E_PAD=e_pad, num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The expert MLP's activation: SwiGLU, with its output quantized (FP8) or rounded (bf16), and its backward.
+
+@triton.jit
+def _gate_up(h_ptr, r, stride_h, I, c, valid):
+    """Row r's gate and up values at columns c (fp32; zeros past I and on padding rows), with the row's
+    validity as a vector of c's shape."""
+    m = c < I
+    row = h_ptr + r.to(tl.int64) * stride_h
+    g = tl.load(row + c, mask=m & valid, other=0.0).to(tl.float32)
+    u = tl.load(row + I + c, mask=m & valid, other=0.0).to(tl.float32)
+    return g, u, m
+
+
+@triton.jit
+def _silu_parts(g):
+    """sigmoid(g) and silu(g) = g * sigmoid(g), in fp32."""
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    return sig, g * sig
+
+
+@triton.jit
+def _swiglu_kernel(h_ptr, tok_ptr, out_ptr, s_ptr, I, stride_h, stride_out, stride_sr, stride_sg,
+                   FP8: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr):
+    """Row r: act = silu(gate) * up over 128-column groups (one scale each when FP8); zeros for padding."""
+    r = tl.program_id(0)
+    valid = tl.load(tok_ptr + r) + tl.zeros((_GROUP,), tl.int32) >= 0  # (a vector: the interpreter cannot & a scalar)
+    dst = out_ptr + r.to(tl.int64) * stride_out
+    for c0 in range(0, I, _GROUP):
+        c = c0 + tl.arange(0, _GROUP)
+        g, u, m = _gate_up(h_ptr, r, stride_h, I, c, valid)
+        sig, silu = _silu_parts(g)
+        act = silu * u
+        if FP8:
+            _quant_group(dst + c, act, m, s_ptr + r.to(tl.int64) * stride_sr + (c0 // _GROUP) * stride_sg, POW2,
+                         EMULATE)
+        else:
+            _store_rounded(dst + c, act, m, EMULATE)
+
+
+@triton.jit
+def _swiglu_backward_kernel(h_ptr, d_ptr, tok_ptr, dh_ptr, I, stride_h, stride_d, stride_dh, BLOCK: tl.constexpr,
+                            EMULATE: tl.constexpr):
+    r = tl.program_id(0)
+    valid = tl.load(tok_ptr + r) + tl.zeros((BLOCK,), tl.int32) >= 0
+    dst = dh_ptr + r.to(tl.int64) * stride_dh
+    for c0 in range(0, I, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        g, u, m = _gate_up(h_ptr, r, stride_h, I, c, valid)
+        d = tl.load(d_ptr + r.to(tl.int64) * stride_d + c, mask=m & valid, other=0.0).to(tl.float32)
+        sig, silu = _silu_parts(g)
+        _store_rounded(dst + c, d * u * sig * (1.0 + g * (1.0 - sig)), m, EMULATE)
+        _store_rounded(dst + I + c, d * silu, m, EMULATE)
+
+
+def swiglu(h, token_of_row, out, scale, pow2_scale):
+    """out [rows, I] = silu(h[:, :I]) * h[:, I:] (bf16), or e4m3 with scale [rows, ceil(I/128)] when scale is
+    given; padding rows zero. Arguments checked."""
+    rows, I = out.shape
+    fp8 = scale is not None
+    s_strides = (scale.stride(0), scale.stride(1)) if fp8 else (0, 0)
+    _swiglu_kernel[(rows,)](h, token_of_row, out, scale if fp8 else out, I, h.stride(0), out.stride(0), *s_strides,
+                            FP8=fp8, POW2=pow2_scale, EMULATE=EMULATE_CASTS, num_warps=4)
+
+
+def swiglu_backward(h, grad, token_of_row, grad_h):
+    rows, two_i = grad_h.shape
+    _swiglu_backward_kernel[(rows,)](h, grad, token_of_row, grad_h, two_i // 2, h.stride(0), grad.stride(0),
+                                     grad_h.stride(0), BLOCK=_block(two_i // 2), EMULATE=EMULATE_CASTS, num_warps=4)
