@@ -403,3 +403,16 @@ def test_moe_layer_trains_and_balances(backend):
         fresh.load_state_dict(fp8.state_dict())
         again = fp8(x)
         assert torch.equal(again, fresh(x)) and not torch.equal(again, first)
+
+
+@pytest.mark.parametrize("backend", backends_for("moe_route"))
+def test_route_ranks_nan_first_as_the_specification_does(backend):
+    """A NaN logit (a diverged step) picks as torch's sort ranks it, first; the kernel never writes out of
+    bounds for it."""
+    logits = torch.randn(6, 16, generator=torch.Generator().manual_seed(95)).to(DEVICE)
+    logits[1] = float("nan")
+    logits[4, 3] = float("nan")
+    bias = torch.zeros(16, device=DEVICE)
+    idx, _, counts = moe.route(logits, bias, 3, n_group=4, topk_group=2, backend=backend)
+    want_idx, _, want_counts = ref.route(logits, bias, 3, 4, 2)
+    assert torch.equal(idx, want_idx) and torch.equal(counts, want_counts)

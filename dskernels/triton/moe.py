@@ -170,6 +170,7 @@ def _route_kernel(s_ptr, bias_ptr, idx_ptr, counts_ptr, T, E, PER, stride_s, HAS
                      other=float("-inf"))
     if HAS_BIAS:
         choice = choice + tl.load(bias_ptr + eid, mask=ok, other=0.0)
+    choice = tl.where(choice != choice, float("inf"), choice)  # NaN ranks first, as in the reference's sort
     choice = tl.where(ok, choice, float("-inf"))
     big = N_GROUP * PER_PAD
     if N_GROUP > 1:
@@ -192,7 +193,7 @@ def _route_kernel(s_ptr, bias_ptr, idx_ptr, counts_ptr, T, E, PER, stride_s, HAS
         top = tl.max(tl.max(choice, axis=2), axis=1)
         pick = tl.min(tl.min(tl.where((choice == top[:, None, None]) & ok, eid, big), axis=2), axis=1)
         tl.store(idx_ptr + t.to(tl.int64) * TOPK + i, pick, mask=t_ok)
-        tl.atomic_add(counts_ptr + pick, 1, mask=t_ok)  # (integers: the same counts in any order)
+        tl.atomic_add(counts_ptr + pick, 1, mask=t_ok & (pick < E))  # (integers: the same in any order)
         choice = tl.where(eid == pick[:, None, None], float("-inf"), choice)
 
 
