@@ -462,7 +462,8 @@ class _Experts(torch.autograd.Function):
         m_indices, token_of_row = layout.m_indices, layout.token_of_row
         b, k_offsets = ctx.backend, _k_offsets(layout)
         G, two_i, D = w13.shape
-        dy = dy.contiguous()  # [rows, D]: zero on padding rows (combine's gradient)
+        # [rows, D]; zero on padding rows whoever consumed y (combine's gradient is; the reductions need it)
+        dy = torch.where((token_of_row >= 0)[:, None], dy, torch.zeros((), dtype=dy.dtype, device=dy.device))
         act = swiglu(h, token_of_row, backend=b)  # recomputed in bf16: the w2 gradient's operand
         x_rows = permute(x.detach(), layout, backend=b)
         dw13 = _backend.empty((G, two_i, D), torch.float32, x.device)  # (every group written: accumulate=False)
@@ -538,7 +539,8 @@ class MoE(torch.nn.Module):
     forward(x [..., dim] bf16) splits into route(), dispatch(), run_experts() and combine() so that an
     expert-parallel dispatch can replace the local one; the last call's expert loads stay in
     self.last_counts (a device tensor) for update_bias. The experts' FP8 copies are made once per weight
-    version (as FP8Linear's: an optimizer step, or any in-place update, makes new ones)."""
+    version (as FP8Linear's: an optimizer step, or any in-place update, makes new ones; writes through
+    `.data` leave the version alone: call invalidate_weight_cache() after them)."""
 
     def __init__(self, dim: int, inter_dim: int, n_routed_experts: int, n_activated_experts: int, *,
                  n_shared_experts: int = 1, n_expert_groups: int = 1, n_limited_groups: int = 1,
@@ -594,6 +596,9 @@ class MoE(torch.nn.Module):
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, quantize_experts(w13, w2, backend=self.backend))
         return self._cached[1]
+
+    def invalidate_weight_cache(self):
+        self._cached = None
 
     def run_experts(self, x2, layout):
         quantized = self._quantized_experts() if self.fp8 else None

@@ -322,8 +322,7 @@ int main() {  // `quant_selftest sanitize` (ci/gpu.sh) runs these same cases: th
           check_both(sh[0], sh[1], dtype, pow2, pad, rng);
           check_blocks_both(sh[0], sh[1], dtype, pow2, pad, rng);
         }
-  // More tiles than the GPU holds CTAs at once (132 SMs x 1 or 2): the tile kernels' persistent loop and
-  // its double buffer.
+  // More tiles than the GPU runs at once (several waves of CTAs), tails in both dims.
   for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
     check_quant("transposed", 4100, 1100, dtype, false, true, rng);
     check_both(4100, 1100, dtype, false, true, rng);
