@@ -42,6 +42,13 @@ __all__ = ["Layout", "route", "contiguous_layout", "layout_rows", "permute", "pe
 # ---------------------------------------------------------------------------------------------
 # Routing and layout.
 
+def _triton(kernel: str, on, *args):
+    """dskernels.triton.moe.<kernel>(*args) on the GPU of the tensor `on` (triton imported lazily: optional)."""
+    from dskernels.triton import moe as tm
+    with _backend.on_device(on):
+        getattr(tm, kernel)(*args)
+
+
 def route(logits, bias, topk: int, *, n_group: int = 1, topk_group: int = 1, route_scale: float = 1.0,
           score: str = "sigmoid", backend: str = "auto"):
     """logits [T, E] (the gate's output; the affinities are taken here) -> topk_idx [T, topk] int32,
@@ -90,9 +97,7 @@ def route(logits, bias, topk: int, *, n_group: int = 1, topk_group: int = 1, rou
 
 
 def _route_choice(s, bias, topk, n_group, topk_group, idx, counts):
-    from dskernels.triton import moe as tm  # imported lazily: triton is optional
-    with _backend.on_device(s):
-        tm.route_choice(s, bias, topk, n_group, topk_group, idx, counts)
+    _triton("route_choice", s, s, bias, topk, n_group, topk_group, idx, counts)
 
 
 @torch.library.custom_op("dskernels::moe_route_choice", mutates_args=("idx", "counts"))
@@ -132,10 +137,8 @@ def contiguous_layout(topk_idx, num_experts: int, *, backend: str = "auto") -> L
 
 
 def _layout(topk_idx, num_experts, m_indices, token_of_row, row_of_slot, segment_start, counts, workspace):
-    from dskernels.triton import moe as tm
-    with _backend.on_device(topk_idx):
-        tm.contiguous_layout(topk_idx, num_experts, _ref.ALIGNMENT, m_indices, token_of_row, row_of_slot,
-                             segment_start, counts, workspace)
+    _triton("contiguous_layout", topk_idx, topk_idx, num_experts, _ref.ALIGNMENT, m_indices, token_of_row,
+            row_of_slot, segment_start, counts, workspace)
 
 
 @torch.library.custom_op("dskernels::moe_layout", mutates_args=("m_indices", "token_of_row", "row_of_slot",
@@ -175,9 +178,7 @@ def _permute(x, token_of_row, out, scale, pow2_scale, backend):
     if backend == "reference":
         _write_rows(_ref.permute(x, _partial_layout(token_of_row, None)), out, scale, pow2_scale)
         return
-    from dskernels.triton import moe as tm  # imported lazily: triton is optional
-    with _backend.on_device(x):
-        tm.permute(x, token_of_row, out, scale, pow2_scale)
+    _triton("permute", x, x, token_of_row, out, scale, pow2_scale)
 
 
 @torch.library.custom_op("dskernels::moe_permute", mutates_args=("out", "scale"))
@@ -197,9 +198,7 @@ def _combine(y, row_of_slot, weights, out, backend):
     if backend == "reference":
         out.copy_(_ref.combine(y, _partial_layout(None, row_of_slot), weights))
         return
-    from dskernels.triton import moe as tm
-    with _backend.on_device(y):
-        tm.combine(y, row_of_slot, weights, out)
+    _triton("combine", y, y, row_of_slot, weights, out)
 
 
 @torch.library.custom_op("dskernels::moe_combine", mutates_args=("out",))
@@ -222,9 +221,7 @@ def _combine_backward(grad, y, token_of_row, row_of_slot, weights, grad_y, grad_
     if not grad_y.numel():
         grad_weights.zero_()  # (no rows: no slots either, unless D == 0)
         return
-    from dskernels.triton import moe as tm
-    with _backend.on_device(y):
-        tm.combine_backward(grad, y, token_of_row, row_of_slot, weights, grad_y, grad_weights)
+    _triton("combine_backward", y, grad, y, token_of_row, row_of_slot, weights, grad_y, grad_weights)
 
 
 @torch.library.custom_op("dskernels::moe_combine_backward", mutates_args=("grad_y", "grad_weights"))
@@ -350,9 +347,7 @@ def _swiglu(h, token_of_row, out, scale, pow2_scale, backend):
     if backend == "reference":
         _write_rows(_ref.swiglu(h, token_of_row), out, scale, pow2_scale)
         return
-    from dskernels.triton import moe as tm
-    with _backend.on_device(h):
-        tm.swiglu(h, token_of_row, out, scale, pow2_scale)
+    _triton("swiglu", h, h, token_of_row, out, scale, pow2_scale)
 
 
 @torch.library.custom_op("dskernels::moe_swiglu", mutates_args=("out", "scale"))
@@ -370,9 +365,7 @@ def _swiglu_backward(h, grad, token_of_row, grad_h, backend):
     if backend == "reference":
         grad_h.copy_(_ref.swiglu_backward(h, grad, token_of_row))
         return
-    from dskernels.triton import moe as tm
-    with _backend.on_device(h):
-        tm.swiglu_backward(h, grad, token_of_row, grad_h)
+    _triton("swiglu_backward", h, h, grad, token_of_row, grad_h)
 
 
 @torch.library.custom_op("dskernels::moe_swiglu_backward", mutates_args=("grad_h",))
