@@ -35,8 +35,8 @@ from dskernels.reference.quant import BLOCK, cdiv
 FP8 = torch.float8_e4m3fn
 DATA_DTYPES = (torch.bfloat16, torch.float32)
 
-__all__ = ["Layout", "route", "contiguous_layout", "layout_rows", "permute", "permute_fp8", "combine",
-           "update_bias", "swiglu", "quantize_experts", "experts", "MoE"]
+__all__ = ["Layout", "route", "contiguous_layout", "masked_layout", "layout_rows", "permute", "permute_fp8", "combine",
+           "update_bias", "swiglu", "quantize_experts", "experts", "moe_forward", "MoE"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,41 +116,54 @@ def contiguous_layout(topk_idx, num_experts: int, *, backend: str = "auto") -> L
     grouped GEMMs, the gathers both ways, each expert's segment start and row count, all on the device.
     The Triton kernels give an id outside [0, num_experts) no row (row_of_slot -1: its token's combine
     comes back NaN); the reference raises on one."""
+    return _make_layout(topk_idx, num_experts, False, backend)
+
+
+def masked_layout(topk_idx, num_experts: int, *, backend: str = "auto") -> Layout:
+    """The masked grouped GEMMs' layout (decode, CUDA graphs): num_experts * T rows, expert e's from e * T
+    (permute's output viewed as [num_experts, T, D]), counts = masked_m; otherwise as contiguous_layout.
+    It takes E / k times the rows a token's k slots need: at T = 64 tokens of 256 experts 16,384 rows
+    (the contiguous layout's worst case is 33,024 at any T this small)."""
+    return _make_layout(topk_idx, num_experts, True, backend)
+
+
+def _make_layout(topk_idx, num_experts, masked, backend):
     topk_idx = _backend.as_tensor("topk_idx", topk_idx)
     check_tensor("topk_idx", topk_idx, dtypes=(torch.int32, torch.int64), ndim=2, nonempty=False, contiguous=False)
     num_experts = check_int("num_experts", num_experts, minimum=1)
     name = _backend.resolve("moe_layout", backend, topk_idx.device)
     if name == "reference":
-        return _ref.contiguous_layout(topk_idx, num_experts)
+        return (_ref.masked_layout if masked else _ref.contiguous_layout)(topk_idx, num_experts)
     idx = topk_idx.to(torch.int32).contiguous()
     T, k = idx.shape
     device = idx.device
-    rows = layout_rows(T, k, num_experts)
+    rows = num_experts * T if masked else layout_rows(T, k, num_experts)
     m_indices, token_of_row = (_backend.empty((rows,), torch.int32, device) for _ in range(2))
     row_of_slot = _backend.empty((T, k), torch.int32, device)
     segment_start, counts = (_backend.empty((num_experts,), torch.int32, device) for _ in range(2))
     from dskernels.triton.moe import LAYOUT_BLOCK
     workspace = _backend.empty((2, max(1, cdiv(T * k, LAYOUT_BLOCK)), num_experts), torch.int32, device)
     outs = (m_indices, token_of_row, row_of_slot, segment_start, counts, workspace)
-    _backend.pick(_layout, _layout_op, idx, *outs)(idx, num_experts, *outs)
-    return Layout(m_indices, token_of_row, row_of_slot, segment_start, counts)
+    stride = T if masked else 0
+    _backend.pick(_layout, _layout_op, idx, *outs)(idx, num_experts, stride, *outs)
+    return Layout(m_indices, token_of_row, row_of_slot, segment_start, counts, masked)
 
 
-def _layout(topk_idx, num_experts, m_indices, token_of_row, row_of_slot, segment_start, counts, workspace):
-    _triton("contiguous_layout", topk_idx, topk_idx, num_experts, _ref.ALIGNMENT, m_indices, token_of_row,
+def _layout(topk_idx, num_experts, stride, m_indices, token_of_row, row_of_slot, segment_start, counts, workspace):
+    _triton("layout", topk_idx, topk_idx, num_experts, _ref.ALIGNMENT, stride, m_indices, token_of_row,
             row_of_slot, segment_start, counts, workspace)
 
 
 @torch.library.custom_op("dskernels::moe_layout", mutates_args=("m_indices", "token_of_row", "row_of_slot",
                                                                 "segment_start", "counts", "workspace"))
-def _layout_op(topk_idx: torch.Tensor, num_experts: int, m_indices: torch.Tensor, token_of_row: torch.Tensor,
-               row_of_slot: torch.Tensor, segment_start: torch.Tensor, counts: torch.Tensor,
-               workspace: torch.Tensor) -> None:
-    _layout(topk_idx, num_experts, m_indices, token_of_row, row_of_slot, segment_start, counts, workspace)
+def _layout_op(topk_idx: torch.Tensor, num_experts: int, stride: int, m_indices: torch.Tensor,
+               token_of_row: torch.Tensor, row_of_slot: torch.Tensor, segment_start: torch.Tensor,
+               counts: torch.Tensor, workspace: torch.Tensor) -> None:
+    _layout(topk_idx, num_experts, stride, m_indices, token_of_row, row_of_slot, segment_start, counts, workspace)
 
 
 @_layout_op.register_fake
-def _(topk_idx, num_experts, m_indices, token_of_row, row_of_slot, segment_start, counts, workspace):
+def _(topk_idx, num_experts, stride, m_indices, token_of_row, row_of_slot, segment_start, counts, workspace):
     return None
 
 
@@ -282,7 +295,8 @@ class _Combine(torch.autograd.Function):
 def _check_layout(layout, device, T=None):
     """layout's tensors: int32 on x's device, row_of_slot [T, k] (T: x's tokens, when given)."""
     if not isinstance(layout, Layout):
-        raise TypeError(f"layout must be a dskernels.moe.Layout (from contiguous_layout), got {type(layout).__name__}")
+        raise TypeError(f"layout must be a dskernels.moe.Layout (from contiguous_layout or masked_layout), got "
+                        f"{type(layout).__name__}")
     check_tensor("layout.token_of_row", layout.token_of_row, dtypes=(torch.int32,), ndim=1, device=device,
                  nonempty=False)
     check_tensor("layout.row_of_slot", layout.row_of_slot, dtypes=(torch.int32,), ndim=2, device=device,
@@ -421,28 +435,45 @@ def quantize_experts(w13, w2, *, backend: str = "auto"):
     return out
 
 
+def _expert_gemm(a, a_scale, w, w_scale, layout, backend):
+    """[rows, N] bf16 = a's rows times their experts' w [G, N, K]^T: the contiguous grouped GEMM, or the masked
+    one over a's [G, T, K] view (FP8 when a_scale is given)."""
+    from dskernels import grouped_gemm as gg
+    fp8 = a_scale is not None
+    if not layout.masked:
+        if fp8:
+            return gg.m_grouped_fp8_gemm_nt_contiguous(a, a_scale, w, w_scale, layout.m_indices, backend=backend)
+        return gg.m_grouped_bf16_gemm_nt_contiguous(a, w, layout.m_indices, backend=backend)
+    G, T, k = w.shape[0], layout.row_of_slot.shape[0], layout.row_of_slot.shape[1]
+    a3, expected_m = a.view(G, T, a.shape[1]), cdiv(T * k, G)
+    if fp8:
+        out = gg.m_grouped_fp8_gemm_nt_masked(a3, a_scale.view(G, T, a_scale.shape[1]), w, w_scale, layout.counts,
+                                              expected_m, backend=backend)
+    else:
+        out = gg.m_grouped_bf16_gemm_nt_masked(a3, w, layout.counts, expected_m, backend=backend)
+    return out.view(G * T, w.shape[1])
+
+
 class _Experts(torch.autograd.Function):
     """y_rows = w2 SwiGLU(w13 x_rows) per expert over the layout's rows, forward and backward through the
-    grouped GEMMs (FP8 with DeepSeek-V3's recipe, or BF16); padding rows of y are left unwritten."""
+    grouped GEMMs (FP8 with DeepSeek-V3's recipe, or BF16); padding rows of y are left unwritten. A masked
+    layout runs the forward only (experts() refuses it where a gradient is wanted)."""
 
     @staticmethod
-    def forward(ctx, x, w13, w2, layout_tensors, fp8, quantized, backend):
-        from dskernels import grouped_gemm as gg
-        m_indices, token_of_row, row_of_slot, segment_start, counts = layout_tensors
-        layout = Layout(*layout_tensors)
+    def forward(ctx, x, w13, w2, layout_tensors, masked, fp8, quantized, backend):
+        layout = Layout(*layout_tensors, masked)
         b = backend
         if fp8:
             w13q, w13s, _, _, w2q, w2s, _, _ = quantized
             xq, xs = permute_fp8(x, layout, scale_layout="col", backend=b)
-            h = gg.m_grouped_fp8_gemm_nt_contiguous(xq, xs, w13q, w13s, m_indices, backend=b)
-            aq, as_ = swiglu(h, token_of_row, fp8=True, backend=b)
-            y = gg.m_grouped_fp8_gemm_nt_contiguous(aq, as_, w2q, w2s, m_indices, backend=b)
+            h = _expert_gemm(xq, xs, w13q, w13s, layout, b)
+            aq, as_ = swiglu(h, layout.token_of_row, fp8=True, backend=b)
+            y = _expert_gemm(aq, as_, w2q, w2s, layout, b)
         else:
-            h = gg.m_grouped_bf16_gemm_nt_contiguous(permute(x, layout, backend=b), w13.to(torch.bfloat16), m_indices,
-                                                     backend=b)
-            y = gg.m_grouped_bf16_gemm_nt_contiguous(swiglu(h, token_of_row, backend=b), w2.to(torch.bfloat16),
-                                                     m_indices, backend=b)
-        ctx.save_for_backward(x, w13, w2, h, *layout_tensors)
+            h = _expert_gemm(permute(x, layout, backend=b), None, w13.to(torch.bfloat16), None, layout, b)
+            y = _expert_gemm(swiglu(h, layout.token_of_row, backend=b), None, w2.to(torch.bfloat16), None, layout, b)
+        if not masked:
+            ctx.save_for_backward(x, w13, w2, h, *layout_tensors)
         ctx.fp8, ctx.quantized, ctx.backend = fp8, quantized, backend
         return y
 
@@ -452,7 +483,7 @@ class _Experts(torch.autograd.Function):
         from dskernels.quant import per_token_group_quant_both, per_token_group_quant_transposed
         x, w13, w2, h, *layout_tensors = ctx.saved_tensors
         layout = Layout(*layout_tensors)
-        m_indices, token_of_row = layout.m_indices, layout.token_of_row
+        token_of_row = layout.token_of_row
         b, k_offsets = ctx.backend, _k_offsets(layout)
         G, two_i, D = w13.shape
         # [rows, D]; zero on padding rows whoever consumed y (combine's gradient is; the reductions need it)
@@ -464,27 +495,27 @@ class _Experts(torch.autograd.Function):
         if ctx.fp8:
             _, _, w13tq, w13ts, _, _, w2tq, w2ts = ctx.quantized
             dyq, dys, dytq, dyts = per_token_group_quant_both(dy, scale_layout="col", backend=b)
-            d_act = gg.m_grouped_fp8_gemm_nt_contiguous(dyq, dys, w2tq, w2ts, m_indices, backend=b)
+            d_act = _expert_gemm(dyq, dys, w2tq, w2ts, layout, b)
             atq, ats = per_token_group_quant_transposed(act, backend=b)
             gg.k_grouped_fp8_gemm_nt_contiguous(dytq, dyts, atq, ats, k_offsets, dw2, accumulate=False, backend=b)
             dh = _run_swiglu_backward(h, d_act, token_of_row, _backend.resolve("moe_swiglu", b, h.device))
             dhq, dhs, dhtq, dhts = per_token_group_quant_both(dh, scale_layout="col", backend=b)
-            dx_rows = gg.m_grouped_fp8_gemm_nt_contiguous(dhq, dhs, w13tq, w13ts, m_indices, backend=b)
+            dx_rows = _expert_gemm(dhq, dhs, w13tq, w13ts, layout, b)
             xtq, xts = per_token_group_quant_transposed(x_rows, backend=b)
             gg.k_grouped_fp8_gemm_nt_contiguous(dhtq, dhts, xtq, xts, k_offsets, dw13, accumulate=False, backend=b)
         else:
             w13t = w13.to(torch.bfloat16).transpose(1, 2).contiguous()
             w2t = w2.to(torch.bfloat16).transpose(1, 2).contiguous()
-            d_act = gg.m_grouped_bf16_gemm_nt_contiguous(dy, w2t, m_indices, backend=b)
+            d_act = _expert_gemm(dy, None, w2t, None, layout, b)
             gg.k_grouped_bf16_gemm_nt_contiguous(dy.t().contiguous(), act.t().contiguous(), k_offsets, dw2,
                                                  accumulate=False, backend=b)
             dh = _run_swiglu_backward(h, d_act, token_of_row, _backend.resolve("moe_swiglu", b, h.device))
-            dx_rows = gg.m_grouped_bf16_gemm_nt_contiguous(dh, w13t, m_indices, backend=b)
+            dx_rows = _expert_gemm(dh, None, w13t, None, layout, b)
             gg.k_grouped_bf16_gemm_nt_contiguous(dh.t().contiguous(), x_rows.t().contiguous(), k_offsets, dw13,
                                                  accumulate=False, backend=b)
         combine_name = _backend.resolve("moe_combine", b, x.device)
         dx = _run_combine(dx_rows, layout.row_of_slot, None, combine_name)  # a permute's backward
-        return dx.to(x.dtype), dw13.to(w13.dtype), dw2.to(w2.dtype), None, None, None, None
+        return dx.to(x.dtype), dw13.to(w13.dtype), dw2.to(w2.dtype), None, None, None, None, None
 
 
 def _run_swiglu_backward(h, grad, token_of_row, backend):
@@ -500,8 +531,9 @@ def experts(x, layout: Layout, w13, w2, *, fp8: bool = False, quantized=None, ba
     w13 [G, 2I, D] (gate rows then up rows) and w2 [G, D, I], fp32 or bf16, D a multiple of 128, I of 64 (of
     128 for FP8).
     fp8=True runs the three GEMMs of each pass in FP8 (quantized: quantize_experts(w13, w2), else made here);
-    else bf16 with fp32 sums. Differentiable w.r.t. x, w13 and w2 (the weight gradients in fp32, returned in
-    the parameters' dtype)."""
+    else bf16 with fp32 sums. layout: contiguous_layout's (the contiguous grouped GEMMs), differentiable
+    w.r.t. x, w13 and w2 (the weight gradients in fp32, returned in the parameters' dtype), or masked_layout's
+    (the masked ones, no host sync at any routing: decode under CUDA graphs; forward only)."""
     x = _check_x(x, (torch.bfloat16,), layout)
     for name, w in (("w13", w13), ("w2", w2)):
         check_tensor(name, w, dtypes=(torch.float32, torch.bfloat16), ndim=3, device=x.device)
@@ -510,15 +542,61 @@ def experts(x, layout: Layout, w13, w2, *, fp8: bool = False, quantized=None, ba
     if D != x.shape[1] or two_i % (256 if fp8 else 128) or D % 128 or tuple(w2.shape) != (G, D, two_i // 2):
         raise ValueError(f"w13 must be [G, 2I, D] and w2 [G, D, I] with D = {x.shape[1]} (x's) a multiple of 128 and "
                          f"I of {128 if fp8 else 64}, got {tuple(w13.shape)} and {tuple(w2.shape)}")
+    if layout.counts.shape[0] != G:
+        raise ValueError(f"layout must be made for w13's {G} experts, got one of {layout.counts.shape[0]}")
+    if layout.masked and torch.is_grad_enabled() and any(t.requires_grad for t in (x, w13, w2)):
+        raise ValueError("layout: a masked layout runs the forward only (decode); train over contiguous_layout, "
+                         "or call under torch.no_grad()")
     _backend.resolve("moe_swiglu_fp8" if fp8 else "moe_swiglu", backend, x.device)  # (raises naming why)
     if fp8 and quantized is None:
         quantized = quantize_experts(w13, w2, backend=backend)
     layout_tensors = (layout.m_indices, layout.token_of_row, layout.row_of_slot, layout.segment_start, layout.counts)
-    return _Experts.apply(x, w13, w2, layout_tensors, fp8, quantized, backend)
+    return _Experts.apply(x, w13, w2, layout_tensors, layout.masked, fp8, quantized, backend)
 
 
 # ---------------------------------------------------------------------------------------------
 # The layer.
+
+def _shared_mlp(x2, w13, w2):
+    """The shared experts' SwiGLU MLP over x2 [T, D] bf16: w13 and w2 callables (FP8Linear, fp8_linear) or
+    weights [2S, D] and [D, S] (a bf16 GEMM over the fp32 or bf16 parameter, fp32 sums)."""
+    def project(w, a):
+        return w(a) if callable(w) else torch.nn.functional.linear(a, w.to(a.dtype))
+    g, u = project(w13, x2).float().chunk(2, dim=-1)
+    return project(w2, (torch.nn.functional.silu(g) * u).to(torch.bfloat16)).float()
+
+
+def moe_forward(x, gate_weight, bias, w13, w2, topk: int, *, shared_w13=None, shared_w2=None, n_group: int = 1,
+                topk_group: int = 1, route_scale: float = 1.0, score: str = "sigmoid", fp8: bool = False,
+                quantized=None, masked: bool = False, backend: str = "auto"):
+    """The MoE module's forward as a function: x [..., D] bf16 -> (y [..., D] bf16, counts [E] int32).
+    gate_weight [E, D] (logits in fp32), bias [E] fp32 or None, w13 [E, 2I, D] and w2 [E, D, I] (experts()),
+    the shared MLP's shared_w13 [2S, D] and shared_w2 [D, S] or None; fp8 runs the experts and the shared
+    MLP through the FP8 GEMMs (the weights quantized in this call unless quantized = quantize_experts(w13,
+    w2) is given); masked uses masked_layout (decode, forward only). Differentiable w.r.t. x and every
+    weight (the gate's through the routing weights)."""
+    check_tensor("gate_weight", gate_weight, dtypes=(torch.float32, torch.bfloat16), ndim=2)
+    E, D = gate_weight.shape
+    if x.shape[-1] != D:
+        raise ValueError(f"x must be [..., {D}] (gate_weight is [E, D]), got {tuple(x.shape)}")
+    if (shared_w13 is None) != (shared_w2 is None):
+        raise ValueError("shared_w13 and shared_w2 must be given together (or neither)")
+    x2 = x.reshape(-1, D).to(torch.bfloat16)
+    logits = torch.nn.functional.linear(x2.float(), gate_weight.float())
+    topk_idx, topk_weights, counts = route(logits, bias, topk, n_group=n_group, topk_group=topk_group,
+                                           route_scale=route_scale, score=score, backend=backend)
+    layout = (masked_layout if masked else contiguous_layout)(topk_idx, E, backend=backend)
+    y = combine(experts(x2, layout, w13, w2, fp8=fp8, quantized=quantized, backend=backend), layout, topk_weights,
+                backend=backend)
+    if shared_w13 is not None:
+        if fp8:
+            from dskernels.linear import fp8_linear
+            y = y + _shared_mlp(x2, lambda a: fp8_linear(a, shared_w13, backend=backend),
+                                lambda a: fp8_linear(a, shared_w2, backend=backend))
+        else:
+            y = y + _shared_mlp(x2, shared_w13, shared_w2)
+    return y.reshape(*x.shape[:-1], D).to(x.dtype), counts
+
 
 class MoE(torch.nn.Module):
     """A DeepSeekMoE layer: the gate (routing with the balancing bias), n_routed_experts SwiGLU experts of
@@ -570,6 +648,7 @@ class MoE(torch.nn.Module):
             self.shared = torch.nn.ModuleDict({"w13": linear(dim, 2 * s), "w2": linear(s, dim)})
         self.last_counts = None
         self._cached = None
+        self.masked = False  # True: dispatch makes masked layouts (decode: forward only, under CUDA graphs)
 
     def route(self, x2):
         """x2 [T, dim] -> topk_idx, topk_weights (differentiable w.r.t. the gate), counts."""
@@ -578,8 +657,10 @@ class MoE(torch.nn.Module):
                      route_scale=self.route_scale, score=self.score_func, backend=self.backend)
 
     def dispatch(self, x2, topk_idx):
-        """The local dispatch: the contiguous layout of this GPU's experts (an expert-parallel one replaces it)."""
-        return contiguous_layout(topk_idx, self.n_routed_experts, backend=self.backend)
+        """The local dispatch: the layout of this GPU's experts, contiguous (or masked when self.masked; an
+        expert-parallel dispatch replaces it)."""
+        return (masked_layout if self.masked else contiguous_layout)(topk_idx, self.n_routed_experts,
+                                                                     backend=self.backend)
 
     def _quantized_experts(self):
         w13, w2 = self.w13, self.w2
@@ -609,13 +690,9 @@ class MoE(torch.nn.Module):
         layout = self.dispatch(x2, topk_idx)
         y = self.combine(self.run_experts(x2, layout), layout, topk_weights)
         if self.shared is not None:
-            g, u = self._shared(self.shared["w13"], x2).float().chunk(2, dim=-1)
-            y = y + self._shared(self.shared["w2"], (torch.nn.functional.silu(g) * u).to(torch.bfloat16)).to(y.dtype)
+            s = self.shared
+            y = y + _shared_mlp(x2, s["w13"] if self.fp8 else s["w13"].weight, s["w2"] if self.fp8 else s["w2"].weight)
         return y.reshape(*x.shape[:-1], self.dim).to(x.dtype)
-
-    def _shared(self, linear, x):
-        """The shared MLP's projections: FP8Linear, or a bf16 GEMM over the (fp32 or bf16) parameter."""
-        return linear(x) if self.fp8 else torch.nn.functional.linear(x, linear.weight.to(x.dtype))
 
     @torch.no_grad()
     def update_bias(self, counts=None, gamma: float = 0.001):

@@ -19,7 +19,9 @@ The contiguous layout is what the grouped GEMMs take (dskernels.grouped_gemm): e
 segment starting at a multiple of `alignment`, the tokens in ascending order, a token's slots in slot
 order; padding rows (m_indices = -1) fill each segment up to the next multiple. Nothing is dropped, so
 the layout is allocated for the worst case, T * k rows plus alignment - 1 padding rows per expert,
-whatever the routing (no host sync decides a size).
+whatever the routing (no host sync decides a size). The masked layout (decode: the masked grouped GEMMs,
+a [E, T, D] view of the rows) gives every expert a segment of T rows, expert e's at e * T, the same order
+inside it: a token picks an expert at most once, so T rows always suffice.
 
 The backwards: a permute's gradient is the unweighted combine of the rows' gradients (fp32 in slot
 order, one rounding); a combine's gradient w.r.t. a row is its slot's weight times the token's output
@@ -74,13 +76,15 @@ class Layout:
     m_indices [rows] int32: each row's expert, -1 for padding (the grouped GEMMs' input);
     token_of_row [rows] int32: each row's token, -1 for padding (the permute's gather);
     row_of_slot [T, k] int32: the row of token t's slot j (the combine's gather);
-    segment_start [E] int32: where each expert's segment begins (multiples of the alignment);
-    counts [E] int32: each expert's rows (without padding)."""
+    segment_start [E] int32: where each expert's segment begins (multiples of the alignment, or e * T);
+    counts [E] int32: each expert's rows (without padding; masked_m for the masked grouped GEMMs);
+    masked: the masked layout (rows = E * T, expert e's segment at e * T) rather than the contiguous one."""
     m_indices: torch.Tensor
     token_of_row: torch.Tensor
     row_of_slot: torch.Tensor
     segment_start: torch.Tensor
     counts: torch.Tensor
+    masked: bool = False
 
 
 def layout_rows(T: int, k: int, num_experts: int, alignment: int = ALIGNMENT) -> int:
@@ -89,26 +93,40 @@ def layout_rows(T: int, k: int, num_experts: int, alignment: int = ALIGNMENT) ->
     return -(-(T * k + num_experts * (alignment - 1)) // alignment) * alignment
 
 
-def contiguous_layout(topk_idx: torch.Tensor, num_experts: int, alignment: int = ALIGNMENT) -> Layout:
+def _sorted_layout(topk_idx: torch.Tensor, counts: torch.Tensor, segment_start: torch.Tensor, rows: int,
+                   masked: bool) -> Layout:
+    """The rows of each expert's segment from its start: tokens ascending, a token's slots in slot order."""
     T, k = topk_idx.shape
     device = topk_idx.device
     flat = topk_idx.flatten().long()                                                   # slot s = t * k + j
-    counts = _counts(flat, num_experts).long()
-    padded = (counts + alignment - 1) // alignment * alignment
-    segment_start = torch.cumsum(padded, 0) - padded
     order = torch.sort(flat, stable=True)[1]                        # by expert, then token, then slot
     rank = torch.arange(flat.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
-    rows_of_sorted = segment_start[flat[order]] + rank
     row_of_slot = torch.empty_like(flat)
-    row_of_slot[order] = rows_of_sorted
-    rows = layout_rows(T, k, num_experts, alignment)
+    row_of_slot[order] = segment_start[flat[order]] + rank
     m_indices = torch.full((rows,), -1, dtype=torch.int32, device=device)
     token_of_row = torch.full((rows,), -1, dtype=torch.int32, device=device)
     m_indices[row_of_slot] = flat.to(torch.int32)
     token_of_row[row_of_slot] = torch.div(torch.arange(flat.numel(), device=device), k,
                                           rounding_mode="floor").to(torch.int32)
     return Layout(m_indices, token_of_row, row_of_slot.view(T, k).to(torch.int32), segment_start.to(torch.int32),
-                  counts.to(torch.int32))
+                  counts.to(torch.int32), masked)
+
+
+def contiguous_layout(topk_idx: torch.Tensor, num_experts: int, alignment: int = ALIGNMENT) -> Layout:
+    T, k = topk_idx.shape
+    counts = _counts(topk_idx, num_experts).long()
+    padded = (counts + alignment - 1) // alignment * alignment
+    return _sorted_layout(topk_idx, counts, torch.cumsum(padded, 0) - padded,
+                          layout_rows(T, k, num_experts, alignment), False)
+
+
+def masked_layout(topk_idx: torch.Tensor, num_experts: int) -> Layout:
+    """The masked grouped GEMMs' layout: rows [num_experts * T] (a [num_experts, T, D] view), expert e's
+    rows from e * T, counts its masked_m. A token's k experts must be distinct (route's are)."""
+    T, _ = topk_idx.shape
+    counts = _counts(topk_idx, num_experts).long()
+    start = torch.arange(num_experts, device=topk_idx.device) * T
+    return _sorted_layout(topk_idx, counts, start, num_experts * T, True)
 
 
 def permute(x: torch.Tensor, layout: Layout) -> torch.Tensor:

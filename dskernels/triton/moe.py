@@ -35,6 +35,11 @@ def _block(D: int, cap: int = 1024) -> int:
     return min(cap, triton.next_power_of_2(max(D, 16)))
 
 
+def _groups(D: int) -> int:
+    """128-column groups a row kernel takes per step: up to 1024 columns."""
+    return min(8, triton.next_power_of_2(triton.cdiv(D, GROUP)))
+
+
 @triton.jit
 def _store_rounded(ptr, v, mask, EMULATE: tl.constexpr):
     """fp32 v into ptr's dtype (bf16 rounded to nearest even, exactly under the interpreter too)."""
@@ -45,32 +50,36 @@ def _store_rounded(ptr, v, mask, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _quant_group(dst, f, mask, s_dst, POW2: tl.constexpr, EMULATE: tl.constexpr):
-    """One 1 x 128 group f (fp32) quantized into dst (e4m3) and its scale into s_dst, as per_token_group_quant."""
+def _quant_groups(dst, f, mask, s_dst, s_mask, POW2: tl.constexpr, EMULATE: tl.constexpr):
+    """1 x 128 groups, one per row of the tile f [G, 128] (fp32, zero where masked), quantized into dst
+    (e4m3) and their scales into s_dst [G], as per_token_group_quant."""
     a = tl.abs(f)
     a = tl.where(a != a, 0.0, a)  # NaN is left out of the amax (it quantizes to NaN on its own)
-    scale = scale_from_amax(tl.max(a, axis=0), POW2)
-    tl.store(dst, to_e4m3(f * tl.math.div_rn(1.0, scale), EMULATE), mask=mask)
-    tl.store(s_dst, scale)
+    scale = scale_from_amax(tl.max(a, axis=1), POW2)
+    tl.store(dst, to_e4m3(f * tl.math.div_rn(1.0, scale)[:, None], EMULATE), mask=mask)
+    tl.store(s_dst, scale, mask=s_mask)
 
 
 @triton.jit
 def _permute_kernel(x_ptr, tok_ptr, out_ptr, s_ptr, T, D, stride_x, stride_out, stride_sr, stride_sg,
-                    FP8: tl.constexpr, POW2: tl.constexpr, BLOCK_D: tl.constexpr, EMULATE: tl.constexpr):
+                    FP8: tl.constexpr, POW2: tl.constexpr, GROUPS: tl.constexpr, EMULATE: tl.constexpr):
+    """Row r: x[token_of_row[r]] copied (or quantized) GROUPS x 128 columns at a time, a [GROUPS, 128] tile
+    whose rows are the 1 x 128 quantization groups (each reduced within its warps, not across the CTA)."""
     r = tl.program_id(0)
-    t = tl.load(tok_ptr + r) + tl.zeros((BLOCK_D,), tl.int32)  # (a vector: the interpreter cannot & a scalar)
+    t = tl.load(tok_ptr + r) + tl.zeros((GROUPS, _GROUP), tl.int32)  # (a tile: the interpreter cannot & a scalar)
     valid = (t >= 0) & (t < T)
     bad = (t < -1) | (t >= T)
     src = x_ptr + tl.maximum(t, 0).to(tl.int64) * stride_x
     dst = out_ptr + r.to(tl.int64) * stride_out
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, GROUPS * _GROUP):
+        grp = d0 // _GROUP + tl.arange(0, GROUPS)
+        d = grp[:, None] * _GROUP + tl.arange(0, _GROUP)[None, :]
         in_row = d < D
         v = tl.load(src + d, mask=in_row & valid, other=0.0)
         v = tl.where(bad, float("nan"), v)
-        if FP8:  # BLOCK_D == 128: one group
-            _quant_group(dst + d, v.to(tl.float32), in_row, s_ptr + r.to(tl.int64) * stride_sr + (d0 // BLOCK_D) *
-                         stride_sg, POW2, EMULATE)
+        if FP8:
+            _quant_groups(dst + d, v.to(tl.float32), in_row, s_ptr + r.to(tl.int64) * stride_sr + grp * stride_sg,
+                          grp * _GROUP < D, POW2, EMULATE)
         else:
             tl.store(dst + d, v, mask=in_row)
 
@@ -127,8 +136,8 @@ def permute(x, token_of_row, out, scale, pow2_scale):
     fp8 = scale is not None
     s_strides = (scale.stride(0), scale.stride(1)) if fp8 else (0, 0)
     _permute_kernel[(rows,)](x, token_of_row, out, scale if fp8 else out, x.shape[0], D, x.stride(0), out.stride(0),
-                             *s_strides, FP8=fp8, POW2=pow2_scale, BLOCK_D=GROUP if fp8 else _block(D),
-                             EMULATE=EMULATE_CASTS, num_warps=4)
+                             *s_strides, FP8=fp8, POW2=pow2_scale, GROUPS=_groups(D), EMULATE=EMULATE_CASTS,
+                             num_warps=4)
 
 
 def combine(y, row_of_slot, weights, out):
@@ -216,10 +225,11 @@ def _layout_hist_kernel(idx_ptr, hist_ptr, mind_ptr, tok_ptr, S, E, ROWS, ROWS_P
 
 
 @triton.jit
-def _layout_scan_kernel(hist_ptr, offs_ptr, start_ptr, counts_ptr, NB, E, ALIGN: tl.constexpr, BLOCK_B: tl.constexpr,
-                        BLOCK_E: tl.constexpr):
+def _layout_scan_kernel(hist_ptr, offs_ptr, start_ptr, counts_ptr, NB, E, STRIDE, ALIGN: tl.constexpr,
+                        BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
     """One program: offs[b, e] = the rows of expert e in the blocks before b, counts[e] = all of them,
-    start[e] = the sum of the earlier experts' counts each rounded up to ALIGN."""
+    start[e] = the sum of the earlier experts' counts each rounded up to ALIGN (contiguous, STRIDE 0) or
+    e * STRIDE (masked)."""
     running = tl.sum(tl.zeros((BLOCK_E,), tl.int32), axis=0)  # (an int32 scalar tensor: a loop-carried value)
     for e0 in range(0, E, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E)
@@ -233,7 +243,8 @@ def _layout_scan_kernel(hist_ptr, offs_ptr, start_ptr, counts_ptr, NB, E, ALIGN:
             carry += tl.sum(h, axis=0)
         padded = (carry + ALIGN - 1) // ALIGN * ALIGN
         tl.store(counts_ptr + e, carry, mask=e < E)
-        tl.store(start_ptr + e, running + tl.cumsum(padded, axis=0) - padded, mask=e < E)
+        start = tl.where(STRIDE > 0, e * STRIDE, running + tl.cumsum(padded, axis=0) - padded)
+        tl.store(start_ptr + e, start, mask=e < E)
         running += tl.sum(padded, axis=0)
 
 
@@ -275,17 +286,18 @@ def route_choice(s, bias, topk, n_group, topk_group, idx, counts):
 LAYOUT_BLOCK = 128  # slots per program of the layout kernels
 
 
-def contiguous_layout(topk_idx, num_experts, alignment, m_indices, token_of_row, row_of_slot, segment_start, counts,
-                      workspace):
-    """The layout's five tensors from topk_idx [T, k] int32 (contiguous), in three launches; workspace: int32
-    [2, blocks, num_experts] (each block's per-expert counts, then their exclusive prefix). Arguments checked."""
+def layout(topk_idx, num_experts, alignment, stride, m_indices, token_of_row, row_of_slot, segment_start, counts,
+           workspace):
+    """The layout's five tensors from topk_idx [T, k] int32 (contiguous), in three launches: the contiguous
+    layout (stride 0) or the masked one (expert e's segment at e * stride); workspace: int32 [2, blocks,
+    num_experts] (each block's per-expert counts, then their exclusive prefix). Arguments checked."""
     S, E, rows = topk_idx.numel(), num_experts, m_indices.shape[0]
     blocks = max(1, triton.cdiv(S, LAYOUT_BLOCK))
     e_pad = triton.next_power_of_2(E)
     hist, offs = workspace[0], workspace[1]
     _layout_hist_kernel[(blocks,)](topk_idx, hist, m_indices, token_of_row, S, E, rows, triton.cdiv(rows, blocks),
                                    BLOCK_S=LAYOUT_BLOCK, E_PAD=e_pad, BLOCK_R=256, num_warps=4)
-    _layout_scan_kernel[(1,)](hist, offs, segment_start, counts, blocks, E, ALIGN=alignment, BLOCK_B=64,
+    _layout_scan_kernel[(1,)](hist, offs, segment_start, counts, blocks, E, stride, ALIGN=alignment, BLOCK_B=64,
                               BLOCK_E=min(64, e_pad), num_warps=4)
     if S:
         _layout_scatter_kernel[(blocks,)](topk_idx, offs, segment_start, row_of_slot, m_indices, token_of_row, S, E,
@@ -315,19 +327,21 @@ def _silu_parts(g):
 
 @triton.jit
 def _swiglu_kernel(h_ptr, tok_ptr, out_ptr, s_ptr, I, stride_h, stride_out, stride_sr, stride_sg,
-                   FP8: tl.constexpr, POW2: tl.constexpr, EMULATE: tl.constexpr):
-    """Row r: act = silu(gate) * up over 128-column groups (one scale each when FP8); zeros for padding."""
+                   FP8: tl.constexpr, POW2: tl.constexpr, GROUPS: tl.constexpr, EMULATE: tl.constexpr):
+    """Row r: act = silu(gate) * up, GROUPS x 128 columns at a time (one scale per 128 when FP8); zeros for
+    padding rows."""
     r = tl.program_id(0)
-    valid = tl.load(tok_ptr + r) + tl.zeros((_GROUP,), tl.int32) >= 0  # (a vector: the interpreter cannot & a scalar)
+    valid = tl.load(tok_ptr + r) + tl.zeros((GROUPS, _GROUP), tl.int32) >= 0  # (a tile: see _permute_kernel)
     dst = out_ptr + r.to(tl.int64) * stride_out
-    for c0 in range(0, I, _GROUP):
-        c = c0 + tl.arange(0, _GROUP)
+    for c0 in range(0, I, GROUPS * _GROUP):
+        grp = c0 // _GROUP + tl.arange(0, GROUPS)
+        c = grp[:, None] * _GROUP + tl.arange(0, _GROUP)[None, :]
         g, u, m = _gate_up(h_ptr, r, stride_h, I, c, valid)
         sig, silu = _silu_parts(g)
         act = silu * u
         if FP8:
-            _quant_group(dst + c, act, m, s_ptr + r.to(tl.int64) * stride_sr + (c0 // _GROUP) * stride_sg, POW2,
-                         EMULATE)
+            _quant_groups(dst + c, act, m, s_ptr + r.to(tl.int64) * stride_sr + grp * stride_sg, grp * _GROUP < I,
+                          POW2, EMULATE)
         else:
             _store_rounded(dst + c, act, m, EMULATE)
 
@@ -354,7 +368,7 @@ def swiglu(h, token_of_row, out, scale, pow2_scale):
     fp8 = scale is not None
     s_strides = (scale.stride(0), scale.stride(1)) if fp8 else (0, 0)
     _swiglu_kernel[(rows,)](h, token_of_row, out, scale if fp8 else out, I, h.stride(0), out.stride(0), *s_strides,
-                            FP8=fp8, POW2=pow2_scale, EMULATE=EMULATE_CASTS, num_warps=4)
+                            FP8=fp8, POW2=pow2_scale, GROUPS=_groups(I), EMULATE=EMULATE_CASTS, num_warps=4)
 
 
 def swiglu_backward(h, grad, token_of_row, grad_h):
