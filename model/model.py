@@ -73,9 +73,10 @@ def rope_tables(args: ModelArgs, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """x [..., S, H, R] rotated pairwise ((x0, x1), (x2, x3), ...) by position: cos, sin [S, R / 2]."""
+    """x [..., S, H, R] rotated pairwise ((x0, x1), (x2, x3), ...) by position: cos, sin [S, R / 2] (or
+    [B, S, R / 2]: each sequence at its own positions, as decoding a ragged batch is)."""
     x1, x2 = x.float()[..., 0::2], x.float()[..., 1::2]                      # [..., S, H, R / 2]
-    c, s = cos[:, None, :], sin[:, None, :]
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).to(x.dtype)
 
 
@@ -110,6 +111,11 @@ class MLA(torch.nn.Module):
         return self.kv_norm(c), k_rope.unsqueeze(2)
 
     def forward(self, x, cos, sin):
+        return self.forward_with_latent(x, cos, sin)[0]
+
+    def forward_with_latent(self, x, cos, sin):
+        """forward's output, and what a decode cache keeps of x: c [B, S, kv_lora_rank] bf16 and the
+        rotated k_rope [B, S, 1, rope] (prefill writes them)."""
         a = self.args
         B, S, _ = x.shape
         q_nope, q_rope = self.query(x)
@@ -121,7 +127,7 @@ class MLA(torch.nn.Module):
         k = torch.cat([k_nope, k_rope.expand(-1, -1, a.n_heads, -1)], dim=-1)         # [B, S, H, qk]
         o = F.scaled_dot_product_attention(q.transpose(1, 2).to(BF16), k.transpose(1, 2).to(BF16),
                                            v.transpose(1, 2).to(BF16), is_causal=True, scale=a.softmax_scale())
-        return self.wo(o.transpose(1, 2).reshape(B, S, a.n_heads * a.v_head_dim))
+        return self.wo(o.transpose(1, 2).reshape(B, S, a.n_heads * a.v_head_dim)), c, k_rope
 
 
 class MLP(torch.nn.Module):
@@ -152,8 +158,9 @@ class Block(torch.nn.Module):
         self.attn = MLA(args)
         self.ffn = moe_layer(args) if moe else MLP(args, args.inter_dim)
 
-    def forward(self, h, cos, sin):
-        h = h + self.attn(self.attn_norm(h), cos, sin).float()
+    def forward(self, h, cos, sin, attend=None):
+        """attend(x, cos, sin) replaces the attention (generation's prefill and absorbed decode)."""
+        h = h + (attend or self.attn)(self.attn_norm(h), cos, sin).float()
         return h + self.ffn(self.ffn_norm(h)).float()
 
 
