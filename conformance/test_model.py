@@ -188,3 +188,54 @@ def test_generation_samples_and_refuses_too_long_requests():
     assert picks == {1}  # top-p 0.5 keeps the single most likely token (its probability is above 0.5)
     with pytest.raises(ValueError, match="at most max_seq_len"):
         Generator(model).generate([[1] * 100], 40)
+
+
+def test_a_deepseek_v3_format_checkpoint_loads_into_the_model_it_was_written_from(tmp_path):
+    """save_deepseek writes the model in DeepSeek-V3's released format (e4m3 Linear weights with
+    weight_scale_inv per 128 x 128 block, bf16 norms, embedding, gate and head, fp32 bias; its names);
+    load_deepseek gives back exactly that model: the same logits, bit for bit, as the original with its
+    weights rounded as the format stores them."""
+    pytest.importorskip("safetensors")
+    from safetensors import safe_open
+    from model.deepseek import load_deepseek, names, save_deepseek
+    torch.manual_seed(17)
+    model = Transformer(preset("tiny", backend=BACKEND)).to(DEVICE).eval()
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.bias.copy_(torch.randn(moe.bias.shape) * 0.1)
+    save_deepseek(model, str(tmp_path), shard_tensors=50)
+    shards = [f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]
+    assert len(shards) > 1
+    stored = {}
+    for f in shards:
+        with safe_open(str(tmp_path / f), "pt") as h:
+            stored.update({k: h.get_tensor(k) for k in h.keys()})
+    assert stored["model.layers.1.self_attn.kv_a_proj_with_mqa.weight"].dtype == torch.float8_e4m3fn
+    assert stored["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"].shape == (1, 1)
+    assert stored["model.layers.2.eh_proj.weight"].dtype == torch.float8_e4m3fn  # the MTP module
+    assert stored["lm_head.weight"].dtype == torch.bfloat16
+    assert stored["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    theirs = [n for _, t in names(model) for n in t]
+    fp8 = [n for n in theirs if stored[n].dtype == torch.float8_e4m3fn]
+    assert len(stored) == len(theirs) + len(fp8) and all(n + "_scale_inv" in stored for n in fp8)
+    loaded = load_deepseek(str(tmp_path), device=DEVICE, backend=BACKEND)
+    # (config.json holds the architecture; the balancing speed is a training setting)
+    assert dataclasses.replace(loaded.args, bias_update_speed=model.args.bias_update_speed) == model.args
+    with torch.no_grad():  # the original, rounded as the format stores it (the bias buffers exactly)
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and name not in ("embed.weight", "head.weight") and not name.endswith("gate.weight"):
+                for w in p.view(-1, *p.shape[-2:]):  # each expert's own 128 x 128 blocks
+                    w.copy_(dskernels_roundtrip(w))
+            else:
+                p.copy_(p.to(torch.bfloat16).float())
+    tokens = data.batch(data.split(data.corpus(), "train"), 5, 2, 40, seed=18).to(DEVICE)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+        assert torch.equal(loaded.loss(tokens)[0], model.loss(tokens)[0])  # the MTP module too
+
+
+def dskernels_roundtrip(w):
+    """w [N, K] as the format stores an e4m3 weight: per_block_quant, then dequant (fp32)."""
+    from dskernels import dequant, per_block_quant
+    q, s = per_block_quant(w.float().cpu().contiguous(), backend="reference")
+    return dequant(q, s, block_shape=(128, 128), out_dtype=torch.float32, backend="reference").to(w.device)

@@ -97,23 +97,36 @@ class ModelArgs:
         with open(path) as f:
             c = json.load(f)
         rope = c.get("rope_scaling") or {}
-        fields = dict(
-            vocab_size=c["vocab_size"], dim=c["hidden_size"], inter_dim=c["intermediate_size"],
-            moe_inter_dim=c["moe_intermediate_size"], n_layers=c["num_hidden_layers"],
-            n_dense_layers=c.get("first_k_dense_replace", 0), n_heads=c["num_attention_heads"],
-            n_routed_experts=c["n_routed_experts"], n_shared_experts=c.get("n_shared_experts", 1),
-            n_activated_experts=c["num_experts_per_tok"], n_expert_groups=c.get("n_group", 1),
-            n_limited_groups=c.get("topk_group", 1), score_func=c.get("scoring_func", "sigmoid"),
-            route_scale=c.get("routed_scaling_factor", 1.0), q_lora_rank=c.get("q_lora_rank") or 0,
-            kv_lora_rank=c["kv_lora_rank"], qk_nope_head_dim=c["qk_nope_head_dim"],
-            qk_rope_head_dim=c["qk_rope_head_dim"], v_head_dim=c["v_head_dim"],
-            max_seq_len=c.get("max_position_embeddings", 4096), rope_theta=c.get("rope_theta", 10000.0),
-            original_seq_len=rope.get("original_max_position_embeddings", c.get("max_position_embeddings", 4096)),
-            rope_factor=rope.get("factor", 1.0), beta_fast=rope.get("beta_fast", 32),
-            beta_slow=rope.get("beta_slow", 1), mscale=rope.get("mscale", 1.0),
-            mtp_depth=min(1, c.get("num_nextn_predict_layers", 0)), norm_eps=c.get("rms_norm_eps", 1e-6))
+        fields = {ours: c[theirs] for ours, theirs in HF_FIELDS if theirs in c}
+        fields.update({ours: rope[theirs] for ours, theirs in HF_ROPE_FIELDS if theirs in rope})
+        fields["q_lora_rank"] = fields.get("q_lora_rank") or 0
+        fields["original_seq_len"] = rope.get("original_max_position_embeddings", fields.get("max_seq_len", 4096))
+        fields["mtp_depth"] = min(1, c.get("num_nextn_predict_layers", 0))
         fields.update(overrides)
         return cls(**fields)
+
+    def to_config_json(self) -> dict:
+        """This model's config.json in DeepSeek-V3's (Hugging Face) names."""
+        c = {theirs: getattr(self, ours) for ours, theirs in HF_FIELDS}
+        c["rope_scaling"] = {theirs: getattr(self, ours) for ours, theirs in HF_ROPE_FIELDS}
+        c["rope_scaling"].update(original_max_position_embeddings=self.original_seq_len, type="yarn")
+        c["num_nextn_predict_layers"] = self.mtp_depth
+        return c
+
+
+# (ours, config.json's): the fields a DeepSeek-V3 config.json names directly
+HF_FIELDS = [("vocab_size", "vocab_size"), ("dim", "hidden_size"), ("inter_dim", "intermediate_size"),
+             ("moe_inter_dim", "moe_intermediate_size"), ("n_layers", "num_hidden_layers"),
+             ("n_dense_layers", "first_k_dense_replace"), ("n_heads", "num_attention_heads"),
+             ("n_routed_experts", "n_routed_experts"), ("n_shared_experts", "n_shared_experts"),
+             ("n_activated_experts", "num_experts_per_tok"), ("n_expert_groups", "n_group"),
+             ("n_limited_groups", "topk_group"), ("score_func", "scoring_func"),
+             ("route_scale", "routed_scaling_factor"), ("q_lora_rank", "q_lora_rank"),
+             ("kv_lora_rank", "kv_lora_rank"), ("qk_nope_head_dim", "qk_nope_head_dim"),
+             ("qk_rope_head_dim", "qk_rope_head_dim"), ("v_head_dim", "v_head_dim"),
+             ("max_seq_len", "max_position_embeddings"), ("rope_theta", "rope_theta"), ("norm_eps", "rms_norm_eps")]
+HF_ROPE_FIELDS = [("rope_factor", "factor"), ("beta_fast", "beta_fast"), ("beta_slow", "beta_slow"),
+                  ("mscale", "mscale")]
 
 
 PRESETS = {

@@ -1,4 +1,5 @@
 """Generate with the reference model: python -m model.generate --ckpt runs/tiny-bf16/ckpt.pt --prompt "def "
+(or --deepseek DIR: a checkpoint in DeepSeek-V3's released format, model.deepseek).
 
 Prefill runs each prompt through the training forward (full attention over its tokens) and writes every
 layer's kv latent c and rotated RoPE key into that layer's paged cache (dskernels.mla.append_to_cache).
@@ -144,7 +145,9 @@ def load(path: str, device) -> Transformer:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", help="a model.train checkpoint (ckpt.pt); without it, an untrained --preset")
+    p.add_argument("--ckpt", help="a model.train checkpoint (ckpt.pt); without it or --deepseek, an untrained "
+                                  "--preset")
+    p.add_argument("--deepseek", help="a directory in DeepSeek-V3's released format (config.json, safetensors)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--prompt", action="append", help="repeat for a batch (default: 'def ')")
     p.add_argument("--max-new-tokens", type=int, default=100)
@@ -153,7 +156,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    if a.ckpt:
+    if a.deepseek:
+        from model.deepseek import load_deepseek
+        model = load_deepseek(a.deepseek, device=a.device)
+    elif a.ckpt:
         model = load(a.ckpt, a.device)
     else:
         backend = "auto" if torch.device(a.device).type == "cuda" else "reference"

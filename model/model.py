@@ -166,19 +166,22 @@ class Block(torch.nn.Module):
 
 class MTP(torch.nn.Module):
     """Multi-token prediction, depth 1: from the main model's last hidden state at position i and the
-    embedding of token i + 1, predict token i + 2 through one more block (sharing the embedding and the
-    output head with the main model)."""
+    embedding of token i + 1, predict token i + 2 through one more block and its own final norm (the
+    embedding and the output head are the main model's). The projection takes [e_norm(emb); h_norm(h)],
+    the order of DeepSeek-V3's released eh_proj weights."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.h_norm, self.e_norm = RMSNorm(args.dim, args.norm_eps), RMSNorm(args.dim, args.norm_eps)
         self.proj = linear(args, 2 * args.dim, args.dim)
         self.block = Block(args, moe=args.n_layers > args.n_dense_layers)
+        self.norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, h, emb_next, cos, sin):
-        """h [B, S', dim] fp32 (positions 0 .. S' - 1), emb_next [B, S', dim] (tokens 1 .. S') -> [B, S', dim]."""
-        x = self.proj(torch.cat([self.h_norm(h), self.e_norm(emb_next)], dim=-1)).float()
-        return self.block(x, cos, sin)
+        """h [B, S', dim] fp32 (positions 0 .. S' - 1), emb_next [B, S', dim] (tokens 1 .. S') -> the
+        normalized hidden state [B, S', dim] bf16 for the output head."""
+        x = self.proj(torch.cat([self.e_norm(emb_next), self.h_norm(h)], dim=-1)).float()
+        return self.norm(self.block(x, cos, sin))
 
 
 class Transformer(torch.nn.Module):
@@ -224,7 +227,7 @@ class Transformer(torch.nn.Module):
         loss = main
         if self.mtp is not None and inputs.shape[1] > 1:
             h_mtp = self.mtp(h[:, :-1], self.embed(targets[:, :-1]).float(), self.rope_cos, self.rope_sin)
-            mtp = F.cross_entropy(self.logits(h_mtp).flatten(0, 1), targets[:, 1:].flatten())
+            mtp = F.cross_entropy(self.head(h_mtp).float().flatten(0, 1), targets[:, 1:].flatten())
             parts["mtp"] = mtp.detach()
             loss = loss + self.args.mtp_loss_weight * mtp
         return loss, parts
