@@ -281,6 +281,25 @@ def test_layout_matches_the_specification(backend, kind, E, k, T, masked):
             assert bool((seg[n:] == -1).all())
 
 
+@pytest.mark.parametrize("backend", backends_for("moe_layout"))
+def test_a_masked_layout_gives_a_repeated_expert_no_row_past_its_segment(backend):
+    """A token naming an expert twice (route never does) overfills the expert's T masked rows: the slots
+    past them get no row and nothing is written out of bounds (the backends agree; with the bound removed
+    the kernel writes the slot into the next expert's segment and fails this)."""
+    idx = torch.tensor([[0, 0], [1, 0], [2, 0]], dtype=torch.int32, device=DEVICE)
+    names = ("m_indices", "token_of_row", "row_of_slot", "segment_start", "counts")
+    got = twice_poisoned(lambda: [getattr(moe.masked_layout(idx, 3, backend=backend), n) for n in names])
+    want = ref.masked_layout(idx, 3)
+    for name, tensor in zip(names, got):
+        assert torch.equal(tensor, getattr(want, name)), name
+    assert want.row_of_slot.tolist() == [[0, 1], [3, 2], [6, -1]]  # expert 0: four slots, three rows
+    if backend == "triton":  # (the kernels read a row -1 as NaN; the specification takes a valid layout)
+        lay = moe.masked_layout(idx, 3, backend=backend)
+        y = random_input((lay.m_indices.shape[0], 64), torch.bfloat16, seed=73)
+        out = moe.combine(y, lay, torch.ones(3, 2, device=DEVICE), backend=backend)
+        assert bool(out[:2].isfinite().all()) and bool(out[2].isnan().all())
+
+
 @pytest.mark.parametrize("backend", [p for p in backends_for("moe_layout") if p.values[0] == "triton"])
 def test_layout_gives_an_expert_id_out_of_range_no_row(backend):
     idx = routing("random", 4, 2, 30, 71)
@@ -488,7 +507,7 @@ def test_experts_over_a_masked_layout_match_the_contiguous_one(backend, fp8, T):
     contiguous layout gives it, and both are near float64; the masked layout refuses a backward."""
     if fp8 and backend not in available(backends_for("moe_swiglu_fp8")):
         pytest.skip("no FP8 here")
-    E, k, D, I = 8, 3, 128, 128
+    E, k, D, I = 8, 3, 256, 256  # two K blocks each way: the masked views of the column-major scales
     idx = routing("skewed", E, k, T, seed_of("masked", T))
     x = random_input((T, D), torch.bfloat16, seed=seed_of("masked x", T))
     weights = torch.rand(T, k, generator=torch.Generator().manual_seed(111)).to(DEVICE)

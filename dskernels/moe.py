@@ -2,11 +2,13 @@
 
     topk_idx, topk_weights, counts = route(logits, bias, topk, n_group=8, topk_group=4, route_scale=2.5)
     layout = contiguous_layout(topk_idx, num_experts)      # expert-sorted rows, segments aligned to 128
+    layout = masked_layout(topk_idx, num_experts)          # or decode's: E segments of T rows
     x_rows = permute(x, layout)                            # [rows, D] bf16, differentiable
     q, scale = permute_fp8(x, layout)                      # the same rows as e4m3 with 1 x 128 scales
     ... the experts: dskernels.grouped_gemm over layout.m_indices ...
     y = combine(y_rows, layout, topk_weights)              # [T, D], differentiable w.r.t. both
     update_bias(bias, counts, gamma=0.001)                 # auxiliary-loss-free balancing, in place
+    y, counts = moe_forward(x, gate_weight, bias, w13, w2, topk, ...)   # the MoE module's layer as a function
 
 The numerics are specified in dskernels.reference.moe (ties, slot order, fp32 sums, the backwards).
 Memory: no token is ever dropped and no host sync sizes anything, so a layout holds
@@ -17,10 +19,10 @@ rows of a permute are zero (the weight gradient sums over them).
 
 Backends: the reference (PyTorch ops, on any device, without a host sync) and Triton on a GPU for every
 step: the routing's choice (its weights are PyTorch ops on the chosen affinities, the reference's bits),
-the layout (three launches), permute, FP8 permute, combine and the backwards. Each kernel launch is a
-torch.library custom op under tracing (torch.compile), called directly in eager mode. A layout is
-trusted as contiguous_layout made it: the kernels never read out of bounds, but a corrupted one gives
-NaN rows, not an exception (checking it would cost a sync).
+the layout (three launches, contiguous or masked), permute, FP8 permute, combine and the backwards. Each
+kernel launch is a torch.library custom op under tracing (torch.compile), called directly in eager mode.
+A layout is trusted as contiguous_layout or masked_layout made it: the kernels never read out of bounds,
+but a corrupted one gives NaN rows, not an exception (checking it would cost a sync).
 """
 import torch
 
@@ -122,8 +124,11 @@ def contiguous_layout(topk_idx, num_experts: int, *, backend: str = "auto") -> L
 def masked_layout(topk_idx, num_experts: int, *, backend: str = "auto") -> Layout:
     """The masked grouped GEMMs' layout (decode, CUDA graphs): num_experts * T rows, expert e's from e * T
     (permute's output viewed as [num_experts, T, D]), counts = masked_m; otherwise as contiguous_layout.
-    It takes E / k times the rows a token's k slots need: at T = 64 tokens of 256 experts 16,384 rows
-    (the contiguous layout's worst case is 33,024 at any T this small)."""
+    A token's k experts must be distinct (route's are): T rows then hold any expert's slots. Where a token
+    names one twice, an expert's slots past its T rows get no row (row_of_slot -1: their tokens' combine
+    comes back NaN) and its count exceeds T (the masked GEMMs clamp it). It takes E / k times the rows a
+    token's k slots need: at T = 64 tokens of 256 experts 16,384 rows (the contiguous layout's worst case
+    is 33,024 at any T this small)."""
     return _make_layout(topk_idx, num_experts, True, backend)
 
 

@@ -95,19 +95,23 @@ def layout_rows(T: int, k: int, num_experts: int, alignment: int = ALIGNMENT) ->
 
 def _sorted_layout(topk_idx: torch.Tensor, counts: torch.Tensor, segment_start: torch.Tensor, rows: int,
                    masked: bool) -> Layout:
-    """The rows of each expert's segment from its start: tokens ascending, a token's slots in slot order."""
+    """The rows of each expert's segment from its start: tokens ascending, a token's slots in slot order.
+    A masked segment holds T rows; a slot past them (only a token naming an expert twice makes one) gets no
+    row (-1)."""
     T, k = topk_idx.shape
     device = topk_idx.device
     flat = topk_idx.flatten().long()                                                   # slot s = t * k + j
     order = torch.sort(flat, stable=True)[1]                        # by expert, then token, then slot
     rank = torch.arange(flat.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[flat[order]]
     row_of_slot = torch.empty_like(flat)
-    row_of_slot[order] = segment_start[flat[order]] + rank
-    m_indices = torch.full((rows,), -1, dtype=torch.int32, device=device)
-    token_of_row = torch.full((rows,), -1, dtype=torch.int32, device=device)
-    m_indices[row_of_slot] = flat.to(torch.int32)
-    token_of_row[row_of_slot] = torch.div(torch.arange(flat.numel(), device=device), k,
-                                          rounding_mode="floor").to(torch.int32)
+    row_of_slot[order] = torch.where(rank < T, segment_start[flat[order]] + rank, -1) if masked else \
+        segment_start[flat[order]] + rank
+    dest = torch.where(row_of_slot >= 0, row_of_slot, rows)  # a slot without a row writes a spare one
+    m_indices = torch.full((rows + 1,), -1, dtype=torch.int32, device=device)
+    token_of_row = torch.full((rows + 1,), -1, dtype=torch.int32, device=device)
+    m_indices[dest] = flat.to(torch.int32)
+    token_of_row[dest] = torch.div(torch.arange(flat.numel(), device=device), k, rounding_mode="floor").to(torch.int32)
+    m_indices, token_of_row = m_indices[:rows], token_of_row[:rows]
     return Layout(m_indices, token_of_row, row_of_slot.view(T, k).to(torch.int32), segment_start.to(torch.int32),
                   counts.to(torch.int32), masked)
 

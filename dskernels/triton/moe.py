@@ -249,10 +249,11 @@ def _layout_scan_kernel(hist_ptr, offs_ptr, start_ptr, counts_ptr, NB, E, STRIDE
 
 
 @triton.jit
-def _layout_scatter_kernel(idx_ptr, offs_ptr, start_ptr, row_of_slot_ptr, mind_ptr, tok_ptr, S, E, K,
+def _layout_scatter_kernel(idx_ptr, offs_ptr, start_ptr, row_of_slot_ptr, mind_ptr, tok_ptr, S, E, K, STRIDE,
                            BLOCK_S: tl.constexpr, E_PAD: tl.constexpr):
     """Block b of the slots: each slot's row = its expert's segment start + the expert's rows in earlier
-    blocks + its rank among this block's slots of that expert (slot order: tokens ascending)."""
+    blocks + its rank among this block's slots of that expert (slot order: tokens ascending). A masked
+    segment (STRIDE > 0) holds STRIDE rows: a slot past them (a token naming an expert twice) gets none."""
     b = tl.program_id(0)
     s = b * BLOCK_S + tl.arange(0, BLOCK_S)
     e = tl.load(idx_ptr + s, mask=s < S, other=-1)
@@ -261,8 +262,9 @@ def _layout_scatter_kernel(idx_ptr, offs_ptr, start_ptr, row_of_slot_ptr, mind_p
     hot = ((e[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32)
     rank = tl.sum(tl.cumsum(hot, axis=0) * hot, axis=1) - 1
     ee = tl.where(valid, e, 0)
-    row = tl.load(start_ptr + ee, mask=valid, other=0) + tl.load(offs_ptr + b.to(tl.int64) * E + ee, mask=valid,
-                                                                   other=0) + rank
+    rank = tl.load(offs_ptr + b.to(tl.int64) * E + ee, mask=valid, other=0) + rank  # within the expert's rows
+    valid = valid & (rank < STRIDE + (STRIDE == 0) * (1 << 30))  # (contiguous: unbounded)
+    row = tl.load(start_ptr + ee, mask=valid, other=0) + rank
     tl.store(row_of_slot_ptr + s, tl.where(valid, row, -1), mask=s < S)
     tl.store(mind_ptr + row, e, mask=valid)
     tl.store(tok_ptr + row, s // K, mask=valid)
@@ -301,7 +303,7 @@ def layout(topk_idx, num_experts, alignment, stride, m_indices, token_of_row, ro
                               BLOCK_E=min(64, e_pad), num_warps=4)
     if S:
         _layout_scatter_kernel[(blocks,)](topk_idx, offs, segment_start, row_of_slot, m_indices, token_of_row, S, E,
-                                          topk_idx.shape[1], BLOCK_S=LAYOUT_BLOCK, E_PAD=e_pad, num_warps=4)
+                                          topk_idx.shape[1], stride, BLOCK_S=LAYOUT_BLOCK, E_PAD=e_pad, num_warps=4)
 
 
 # ---------------------------------------------------------------------------------------------
