@@ -28,11 +28,13 @@ def test_tiny_preset_trains_and_its_loss_falls():
 
 
 def test_resumed_training_is_bit_exact(tmp_path):
-    straight = TrainConfig(steps=6, warmup=2, out_dir=str(tmp_path / "a"), **FAST)
+    """A run stopped after step 3 and resumed equals one that never stopped (past the warmup, where the
+    schedule depends on the total steps)."""
+    straight = TrainConfig(steps=6, warmup=1, out_dir=str(tmp_path / "a"), **FAST)
     _, log_a = train(straight)
-    half = dataclasses.replace(straight, steps=3, out_dir=str(tmp_path / "b"))
-    train(half)
-    _, log_b = train(dataclasses.replace(half, steps=6, resume=True))
+    interrupted = dataclasses.replace(straight, stop_after=3, out_dir=str(tmp_path / "b"))
+    train(interrupted)
+    _, log_b = train(dataclasses.replace(interrupted, stop_after=0, resume=True))
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=False)
@@ -93,20 +95,27 @@ def _ddp_rank(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
     torch.set_num_threads(1)
     model, _ = train(TrainConfig(steps=3, warmup=1, batch_size=4, seq_len=32, device="cpu", quiet=True))
-    torch.save({n: b for n, b in model.named_buffers() if n.endswith("bias")}, f"{out}/bias{rank}.pt")
+    torch.save(model.state_dict(), f"{out}/state{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_data_parallel_ranks_move_their_biases_alike(tmp_path):
-    """Two CPU ranks over gloo: the loads are all-reduced before the bias update, so both ranks hold the
-    same biases (DDP's buffer broadcast, off, would have hidden a difference), and they equal a single
-    process's over the same global batch."""
-    port = 29500 + os.getpid() % 1000
-    mp.spawn(_ddp_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    b0, b1 = torch.load(tmp_path / "bias0.pt"), torch.load(tmp_path / "bias1.pt")
-    assert b0.keys() == b1.keys() and b0
-    for name in b0:
-        assert torch.equal(b0[name], b1[name]), name
+    """Two CPU ranks over gloo: DDP's all-reduced gradients keep every parameter the same on both ranks,
+    and the loads are all-reduced before the bias update, so both hold the same biases (DDP's buffer
+    broadcast, off, would have hidden a difference), equal to a single process's over the same batch."""
+    mp.spawn(_ddp_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    s0, s1 = torch.load(tmp_path / "state0.pt"), torch.load(tmp_path / "state1.pt")
+    for name in s0:
+        assert torch.equal(s0[name], s1[name]), name
+    b0 = {n: t for n, t in s0.items() if n.endswith(".bias")}
+    assert b0
     model, _ = train(TrainConfig(steps=3, warmup=1, batch_size=4, seq_len=32, device="cpu", quiet=True))
     single = {n: b for n, b in model.named_buffers() if n.endswith("bias")}
     for name in b0:
@@ -139,23 +148,28 @@ def test_bad_model_arguments_are_refused_by_name():
         model(torch.zeros(1, 129, dtype=torch.long, device=DEVICE))
 
 
-@pytest.mark.parametrize("dense", [True, False], ids=["dense", "moe"])
-def test_absorbed_decode_reproduces_the_full_forward(dense):
+@pytest.mark.parametrize("dense,precision", [(True, "bf16"), (False, "bf16"), (True, "fp8")],
+                         ids=["dense", "moe", "fp8-dense"])
+def test_absorbed_decode_reproduces_the_full_forward(dense, precision):
     """Prefill a ragged batch (prompts of 5 and 9 tokens), then decode the rest of each sequence token by
     token, fed the true tokens, through the paged latent cache and the absorbed MLA kernels: each
     position's logits are the full forward's over the same tokens to bf16 rounding (the two paths round
-    their bf16 intermediates in another order: 0.7 % measured). With MoE blocks (decoding over masked
+    their bf16 intermediates in another order: 0.7 % measured; FP8 within 12 %, 7.4 % measured: the absorbed
+    path multiplies the latent by wkv_b's e4m3 blocks in bf16, without the 1 x 128 quantization of the latent
+    that the forward's FP8 GEMM applies, about 3.6 % rms of e4m3 rounding). With MoE blocks (decoding over masked
     layouts) a position whose routing sits on a near-tie may pick another expert in one path (one of 32
     here): there every position but one in 16 must hold the bound, and the greedy token may differ from the
-    full forward's at one position at most where its top-2 margin exceeds 1e-2 (at none for dense blocks)."""
+    full forward's at one position at most where its top-2 margin exceeds 1e-2 (0.1 for FP8; at none for dense
+    blocks)."""
     from model.generate import Generator, PagedCache
     torch.manual_seed(13)
-    model = Transformer(preset("tiny", n_dense_layers=2 if dense else 1, backend=BACKEND)).to(DEVICE).eval()
+    model = Transformer(preset("tiny", n_dense_layers=2 if dense else 1, precision=precision,
+                               backend=BACKEND)).to(DEVICE).eval()
     gen = Generator(model)
     seqs = data.batch(data.split(data.corpus(), "train"), 3, 2, 23, seed=14).to(DEVICE)  # [2, 24]
     prompts = [seqs[0, :5].tolist(), seqs[1, :9].tolist()]
     cache = PagedCache(model, 2, 24, DEVICE)
-    got = [[row] for row in gen.prefill(cache, prompts)]
+    got = [[row] for row in gen.prefill(cache, prompts)[0]]
     for step in range(24 - 9):
         tokens = torch.stack([seqs[0, 5 + step], seqs[1, 9 + step]])
         for b, row in enumerate(gen.decode(cache, tokens)):
@@ -167,10 +181,10 @@ def test_absorbed_decode_reproduces_the_full_forward(dense):
         g, w = torch.stack(got[b]), want[b, start:start + len(got[b])]
         rels += ((g - w).norm(dim=-1) / w.norm(dim=-1)).tolist()
         top2 = w.topk(2, dim=-1).values
-        sure = (top2[:, 0] - top2[:, 1]) > 1e-2
+        sure = (top2[:, 0] - top2[:, 1]) > (0.1 if precision == "fp8" else 1e-2)  # (FP8: margins past its error)
         agree += int((g.argmax(-1) == w.argmax(-1))[sure].sum())
         sure_total += int(sure.sum())
-    off = sum(r > 2e-2 for r in rels)
+    off = sum(r > (0.12 if precision == "fp8" else 2e-2) for r in rels)
     assert off == 0 if dense else off <= len(rels) // 16, sorted(rels)[-3:]
     assert sure_total and agree >= sure_total - (0 if dense else 1), (agree, sure_total)
 
@@ -239,3 +253,47 @@ def dskernels_roundtrip(w):
     from dskernels import dequant, per_block_quant
     q, s = per_block_quant(w.float().cpu().contiguous(), backend="reference")
     return dequant(q, s, block_shape=(128, 128), out_dtype=torch.float32, backend="reference").to(w.device)
+
+
+def test_mtp_speculative_decoding_keeps_its_caches_as_plain_decoding_would():
+    """Greedy decoding that drafts with the MTP module and verifies two tokens a step gives plain greedy
+    decoding's tokens, and leaves every block's cache (the MTP block's too) holding, row for row, what a
+    prefill of the final sequence writes (bf16 rounding apart): the bookkeeping of accepted and rejected
+    drafts. The drafts are the MTP module's own calls with their guesses replaced by the right token or a
+    wrong one in a fixed pattern (sequence 0 every other step, sequence 1 every third: a ragged batch),
+    on dense blocks (no near-tie routing) with a sharpened head (no near-tie tokens)."""
+    from model.generate import Generator, PagedCache
+    torch.manual_seed(21)
+    model = Transformer(preset("tiny", n_dense_layers=2, backend=BACKEND)).to(DEVICE).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(30)
+    gen = Generator(model)
+    seqs = data.batch(data.split(data.corpus(), "train"), 0, 2, 12, seed=0)
+    prompts = [seqs[0].tolist(), seqs[1, :7].tolist()]
+    new = 30
+    plain = gen.generate(prompts, new + 3)  # (the last drafts look past the 30 tokens)
+    draft, make_cache, calls, caches = gen._draft, gen._cache, [0], []
+
+    def oracle(cache, hidden, tokens):  # the MTP module's call, its guesses replaced
+        draft(cache, hidden, tokens)
+        calls[0] += 1
+        nxt = [plain[b][int(cache.seqlens[b]) - len(prompts[b]) + 1] for b in range(2)]
+        right = [calls[0] % 2 == 0, calls[0] % 3 == 0]
+        return torch.tensor([t if ok else (t + 1) % 256 for t, ok in zip(nxt, right)], device=DEVICE)
+    gen._draft = oracle
+    gen._cache = lambda *a: caches.append(make_cache(*a)) or caches[-1]
+    fast, rate = gen.generate_speculative(prompts, new)
+    assert fast == [p[:new] for p in plain] and 0.3 < rate < 0.6, rate
+    spec = caches[0]
+    for b, prompt in enumerate(prompts):
+        final = [prompt + fast[b][:new - 1]]
+        ref = PagedCache(model, 1, len(final[0]) + 2, DEVICE)
+        gen.prefill(ref, final, mtp=True)
+        for layer, (got, want) in enumerate(zip(spec.caches + [spec.mtp_cache], ref.caches + [ref.mtp_cache])):
+            rows = len(final[0]) if layer < len(spec.caches) else len(final[0]) - 2
+            g = got[spec.block_table[b]].flatten(0, 1)[:rows].float()
+            w = want[ref.block_table[0]].flatten(0, 1)[:rows].float()
+            rel = (g - w).norm(dim=-1) / w.norm(dim=-1)
+            assert float(rel.max()) <= 2e-2, (b, layer, float(rel.max()))
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        Generator(model).generate_speculative([[1]], 5)

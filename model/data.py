@@ -15,7 +15,8 @@ VOCAB_SIZE = 256
 
 
 def encode(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+    raw = text.encode("utf-8")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long() if raw else torch.zeros(0, dtype=torch.long)
 
 
 def decode(tokens) -> str:

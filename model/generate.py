@@ -14,15 +14,16 @@ import sys
 
 import torch
 
-from dskernels import mla
+from dskernels import dequant, mla, per_block_quant
 from model import data
 from model.config import ModelArgs, preset
 from model.model import BF16, Transformer, apply_rope
 
-PAGE = 64  # tokens per cache page (dskernels.mla's)
+PAGE = mla.PAGE_SIZE  # tokens per cache page
 
 
 def check_decodable(args: ModelArgs):
+    """Raises unless the model's MLA head dims are the ones dskernels.mla's absorbed decode takes."""
     dims = (args.kv_lora_rank, args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim)
     if dims != (512, 128, 64, 128):
         raise ValueError(f"the absorbed decode takes DeepSeek-V3's head dims (kv_lora_rank, qk_nope_head_dim, "
@@ -31,92 +32,188 @@ def check_decodable(args: ModelArgs):
 
 class PagedCache:
     """One paged latent cache per block, [num_pages, 64, 1, 576] bf16, sharing one block table (sequence b
-    owns pages b * pages_per_seq ...) and cache_seqlens [B] int32."""
+    owns pages b * pages_per_seq ...) and cache_seqlens [B] int32; the MTP block's own cache and lengths
+    beside them when the model has one (speculative decoding)."""
 
     def __init__(self, model: Transformer, batch: int, max_len: int, device):
         pages = -(-max_len // PAGE)
         self.num_pages = batch * pages
         self.block_table = torch.arange(self.num_pages, dtype=torch.int32, device=device).view(batch, pages)
         width = model.args.kv_lora_rank + model.args.qk_rope_head_dim
-        self.caches = [torch.zeros(self.num_pages, PAGE, 1, width, dtype=BF16, device=device) for _ in model.layers]
+        new = lambda: torch.zeros(self.num_pages, PAGE, 1, width, dtype=BF16, device=device)  # noqa: E731
+        self.caches = [new() for _ in model.layers]
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.mtp_cache = new() if model.mtp is not None else None
+        self.mtp_seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
 
 
 class Generator:
-    """Prefill and absorbed decode for a Transformer (its weights as they are: call again after training)."""
+    """Prefill and absorbed decode for a Transformer (its weights as they are: make a new one after
+    training), greedy speculative decoding with its MTP module."""
 
     def __init__(self, model: Transformer):
         check_decodable(model.args)
         self.model, self.args = model, model.args
-        self.wkv_b = [layer.attn.wkv_b.weight.to(BF16) for layer in model.layers]  # [H * 256, 512] each
+        self.backend = "reference" if self.args.backend == "reference" else "auto"
+        self.wkv_b = [self._absorbed_weight(layer.attn) for layer in model.layers]  # [H * 256, 512] each
+        self.mtp_wkv_b = self._absorbed_weight(model.mtp.block.attn) if model.mtp is not None else None
+
+    def _absorbed_weight(self, attn):
+        """wkv_b in bf16 as the model's own forward applies it: the fp32 master rounded, or (FP8) its e4m3
+        blocks dequantized, the weight FP8Linear multiplies by."""
+        w = attn.wkv_b.weight.detach()
+        if self.args.precision != "fp8":
+            return w.to(BF16)
+        q, scale = per_block_quant(w.float().contiguous(), backend=self.backend)
+        return dequant(q, scale, block_shape=(128, 128), out_dtype=BF16, backend=self.backend)
 
     @torch.no_grad()
-    def prefill(self, cache: PagedCache, prompts) -> torch.Tensor:
-        """prompts: B lists of token ids (non-empty) -> logits [B, vocab] fp32 of each prompt's last token."""
-        m, out = self.model, []
+    def prefill(self, cache: PagedCache, prompts, mtp: bool = False):
+        """prompts: B lists of token ids (non-empty) -> (logits [B, vocab] fp32 of each prompt's last token,
+        hidden [B, 2, dim] fp32: the last block's output at its last two positions). mtp: also fill the MTP
+        block's cache over positions 0 .. len - 3 (speculative decoding redoes len - 2 and does len - 1)."""
+        m, logits, hidden = self.model, [], []
         for b, prompt in enumerate(prompts):
             tokens = torch.tensor([prompt], dtype=torch.long, device=cache.seqlens.device)
             h = m.embed(tokens).float()
             for layer, kv in zip(m.layers, cache.caches):
-                def attend(x, cos, sin, attn=layer.attn, kv=kv):
-                    o, c, k_rope = attn.forward_with_latent(x, cos, sin)
-                    mla.append_to_cache(kv, cache.block_table[b:b + 1], cache.seqlens[b:b + 1], c.to(BF16),
-                                        k_rope[:, :, 0].to(BF16), backend=self._backend())
-                    return o
-                h = layer(h, m.rope_cos, m.rope_sin, attend=attend)
-            out.append(m.logits(h)[:, -1])
+                h = layer(h, m.rope_cos, m.rope_sin, attend=self._prefill_attention(layer.attn, kv, cache, b))
+            logits.append(m.logits(h)[:, -1])
+            hidden.append(h[:, -2:] if h.shape[1] > 1 else h.new_zeros(1, 2, h.shape[2]))
             cache.seqlens[b] = len(prompt)
-        return torch.cat(out)
+            if mtp and len(prompt) > 2:
+                x = self._mtp_input(h[:, :-2], tokens[:, 1:-1])
+                m.mtp.block(x, m.rope_cos, m.rope_sin, attend=self._prefill_attention(m.mtp.block.attn, cache.mtp_cache,
+                                                                                       cache, b, mtp=True))
+            cache.mtp_seqlens[b] = max(len(prompt) - 2, 0)
+        return torch.cat(logits), torch.cat(hidden)
 
-    @torch.no_grad()
-    def decode(self, cache: PagedCache, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B] (each sequence's next token) -> logits [B, vocab] fp32 of the position after it."""
-        m, a = self.model, self.args
-        before = cache.seqlens
-        after = before + 1
-        cos, sin = m.rope_cos[before.long()][:, None], m.rope_sin[before.long()][:, None]  # [B, 1, rope / 2]
-        md = mla.get_mla_metadata(after, cache.block_table, cache.num_pages, 1, a.n_heads, backend=self._backend())
-        h = m.embed(tokens[:, None]).float()
+    def _prefill_attention(self, attn, kv, cache, b, mtp=False):
+        """The training attention over a whole prompt, writing its latents into kv (sequence b)."""
+        seqlens = cache.mtp_seqlens if mtp else cache.seqlens
+
+        def attend(x, cos, sin):
+            o, c, k_rope = attn.forward_with_latent(x, cos, sin)
+            mla.append_to_cache(kv, cache.block_table[b:b + 1], seqlens[b:b + 1], c.to(BF16), k_rope[:, :, 0].to(BF16),
+                                backend=self.backend)
+            return o
+        return attend
+
+    def _absorbed_attention(self, attn, wkv_b, kv, cache, before, md, cos, sin):
+        """Absorbed MLA for s new tokens per sequence at positions before .. before + s - 1: their latents
+        appended to kv, attention over the cache (causal among the s), out through W_UV and wo."""
+        a = self.args
+
+        def attend(x, _cos, _sin):
+            q_nope, q_rope = attn.query(x)                                           # [B, s, H, 128], [..., 64]
+            c, k_rope = attn.latent(x)
+            q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
+            mla.append_to_cache(kv, cache.block_table, before, c.to(BF16), k_rope[:, :, 0].to(BF16),
+                                backend=self.backend)
+            q = torch.cat([mla.absorb_query(q_nope.to(BF16), wkv_b), q_rope.to(BF16)], dim=-1)
+            o, _ = mla.mla_decode(q, kv, cache.block_table, before + x.shape[1], a.softmax_scale(), metadata=md,
+                                  backend=self.backend)
+            o = mla.absorb_output(o, wkv_b)                                          # [B, s, H, 128]
+            return attn.wo(o.reshape(*o.shape[:2], a.n_heads * a.v_head_dim))
+        return attend
+
+    def _blocks(self, blocks, caches, wkv_bs, h, cache, before):
+        """h [B, s, dim] fp32 through blocks with absorbed attention over their caches, the MoE blocks over
+        masked layouts; the s tokens of sequence b sit at positions before[b] ..."""
+        m, s = self.model, h.shape[1]
+        positions = (before[:, None] + torch.arange(s, device=before.device)).long()     # [B, s]
+        cos, sin = m.rope_cos[positions], m.rope_sin[positions]                         # [B, s, rope / 2]
+        md = mla.get_mla_metadata(before + s, cache.block_table, cache.num_pages, s, self.args.n_heads,
+                                  backend=self.backend)
         moes = m.moe_layers()
         for moe in moes:
             moe.masked = True
         try:
-            for layer, kv, wkv_b in zip(m.layers, cache.caches, self.wkv_b):
-                def attend(x, _cos, _sin, attn=layer.attn, kv=kv, wkv_b=wkv_b):
-                    q_nope, q_rope = attn.query(x)                                   # [B, 1, H, 128], [..., 64]
-                    c, k_rope = attn.latent(x)
-                    q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
-                    mla.append_to_cache(kv, cache.block_table, before, c.to(BF16), k_rope[:, :, 0].to(BF16),
-                                        backend=self._backend())
-                    q = torch.cat([mla.absorb_query(q_nope.to(BF16), wkv_b), q_rope.to(BF16)], dim=-1)
-                    o, _ = mla.mla_decode(q, kv, cache.block_table, after, a.softmax_scale(), metadata=md,
-                                          backend=self._backend())
-                    o = mla.absorb_output(o, wkv_b)                                  # [B, 1, H, 128]
-                    return attn.wo(o.reshape(*o.shape[:2], a.n_heads * a.v_head_dim))
-                h = layer(h, cos, sin, attend=attend)
+            for block, kv, wkv_b in zip(blocks, caches, wkv_bs):
+                h = block(h, cos, sin, attend=self._absorbed_attention(block.attn, wkv_b, kv, cache, before, md, cos,
+                                                                      sin))
         finally:
             for moe in moes:
                 moe.masked = False
-        cache.seqlens = after
-        return m.logits(h)[:, -1]
+        return h
 
-    def _backend(self):
-        return "reference" if self.args.backend == "reference" else "auto"
+    @torch.no_grad()
+    def decode(self, cache: PagedCache, tokens: torch.Tensor, return_hidden: bool = False):
+        """tokens [B] or [B, s] (each sequence's next tokens) -> logits [B, vocab] or [B, s, vocab] fp32 of
+        the positions after them (and the last block's output [B, s, dim] fp32 when return_hidden)."""
+        m = self.model
+        t = tokens[:, None] if tokens.dim() == 1 else tokens
+        h = self._blocks(m.layers, cache.caches, self.wkv_b, m.embed(t).float(), cache, cache.seqlens)
+        cache.seqlens = cache.seqlens + t.shape[1]
+        logits = m.logits(h)
+        logits = logits[:, 0] if tokens.dim() == 1 else logits
+        return (logits, h) if return_hidden else logits
 
-    def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
-        """B prompts (lists of token ids) -> B lists of max_new_tokens new ids; temperature 0 is greedy."""
+    def _mtp_input(self, h, next_tokens):
+        mtp = self.model.mtp
+        return mtp.proj(torch.cat([mtp.e_norm(self.model.embed(next_tokens).float()), mtp.h_norm(h)], dim=-1)).float()
+
+    def _draft(self, cache, hidden, tokens):
+        """The MTP module at the last two positions n - 2, n - 1 of each sequence (their main hidden states
+        hidden [B, 2, dim] and the tokens after them [B, 2]): its cache rewritten there, and its guess of
+        token n + 1 [B]."""
+        m = self.model
+        before = cache.mtp_seqlens
+        h = self._blocks([m.mtp.block], [cache.mtp_cache], [self.mtp_wkv_b], self._mtp_input(hidden, tokens), cache,
+                         before)
+        cache.mtp_seqlens = before + 2
+        return m.head(m.mtp.norm(h[:, -1])).float().argmax(dim=-1)
+
+    @torch.no_grad()
+    def generate_speculative(self, prompts, max_new_tokens: int):
+        """Greedy decoding that drafts one token ahead with the MTP module and verifies it with the main
+        model in the same step (two tokens a sequence): the tokens of plain greedy decoding, up to
+        rounding, at one or two tokens a step. Prompts of at least two tokens. Returns (B lists of
+        max_new_tokens ids, the fraction of drafts accepted)."""
+        if self.model.mtp is None:
+            raise ValueError("speculative decoding drafts with the MTP module: the model has none (mtp_depth 0)")
+        if prompts and min(len(p) for p in prompts) < 2:
+            raise ValueError("speculative decoding needs prompts of at least 2 tokens")
         device = self.model.rope_cos.device
-        longest = max(len(p) for p in prompts) + max_new_tokens
+        cache = self._cache(prompts, max_new_tokens + 2)
+        logits, hidden = self.prefill(cache, prompts, mtp=True)
+        t = logits.argmax(dim=-1)                                     # token n, committed, not yet fed
+        prev = torch.tensor([p[-1] for p in prompts], device=device)  # token n - 1
+        out, drafted, accepted = [[int(x)] for x in t], 0, 0
+        while min(len(o) for o in out) < max_new_tokens:
+            d = self._draft(cache, hidden, torch.stack([prev, t], dim=1))
+            logits, h = self.decode(cache, torch.stack([t, d], dim=1), return_hidden=True)  # positions n, n + 1
+            a, nxt = logits[:, 0].argmax(dim=-1), logits[:, 1].argmax(dim=-1)
+            ok = a == d
+            drafted, accepted = drafted + len(prompts), accepted + int(ok.sum())
+            # accepted: n + 2 tokens committed; rejected: n + 1, the draft's row in the main cache dropped, and
+            # the next draft writes the MTP module's rows n - 1 (again, from the same inputs) and n
+            cache.seqlens = torch.where(ok, cache.seqlens, cache.seqlens - 1)
+            cache.mtp_seqlens = torch.where(ok, cache.mtp_seqlens, cache.mtp_seqlens - 1)
+            hidden = torch.where(ok[:, None, None], h, torch.stack([hidden[:, 1], h[:, 0]], dim=1))
+            prev, t = torch.where(ok, d, t), torch.where(ok, nxt, a)
+            for b in range(len(prompts)):
+                out[b] += [int(d[b]), int(nxt[b])] if ok[b] else [int(a[b])]
+        return [o[:max_new_tokens] for o in out], accepted / max(drafted, 1)
+
+    def _cache(self, prompts, extra):
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise ValueError("prompts must be a non-empty list of non-empty token lists")
+        longest = max(len(p) for p in prompts) + extra
         if longest > self.args.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens must be at most max_seq_len = {self.args.max_seq_len}, "
                              f"got {longest}")
-        cache = PagedCache(self.model, len(prompts), longest, device)
-        g = torch.Generator(device=device).manual_seed(seed)
-        logits, out = self.prefill(cache, prompts), []
-        for _ in range(max_new_tokens):
-            tokens = sample(logits, temperature, top_p, g)
-            out.append(tokens)
-            logits = self.decode(cache, tokens)
+        return PagedCache(self.model, len(prompts), longest, self.model.rope_cos.device)
+
+    def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+        """B prompts (lists of token ids) -> B lists of max_new_tokens new ids; temperature 0 is greedy."""
+        cache = self._cache(prompts, max_new_tokens)
+        g = torch.Generator(device=self.model.rope_cos.device).manual_seed(seed)
+        logits, out = self.prefill(cache, prompts)[0], []
+        for i in range(max_new_tokens):
+            out.append(sample(logits, temperature, top_p, g))
+            if i + 1 < max_new_tokens:
+                logits = self.decode(cache, out[-1])
         return torch.stack(out, dim=1).tolist() if out else [[] for _ in prompts]
 
 
@@ -128,7 +225,7 @@ def sample(logits, temperature: float, top_p: float, generator=None) -> torch.Te
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keeps the token that crosses top_p
+        drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # keeps the token that reaches top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -154,6 +251,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative", action="store_true", help="greedy, drafting with the MTP module")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     if a.deepseek:
@@ -165,8 +263,12 @@ def main(argv=None):
         backend = "auto" if torch.device(a.device).type == "cuda" else "reference"
         model = Transformer(preset(a.preset, backend=backend)).to(a.device).eval()
     prompts = a.prompt or ["def "]
-    outs = Generator(model).generate([data.encode(t).tolist() for t in prompts], a.max_new_tokens, a.temperature,
-                                     a.top_p, a.seed)
+    ids = [data.encode(t).tolist() for t in prompts]
+    if a.speculative:
+        outs, rate = Generator(model).generate_speculative(ids, a.max_new_tokens)
+        print(f"MTP drafts accepted: {rate:.1%}", file=sys.stderr)
+    else:
+        outs = Generator(model).generate(ids, a.max_new_tokens, a.temperature, a.top_p, a.seed)
     for text, new in zip(prompts, outs):
         print(text + data.decode(new), file=sys.stdout)
         print("-" * 40)

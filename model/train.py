@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from model import data
-from model.config import PRESETS, preset
+from model.config import preset
 from model.model import Transformer
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0}  # dense BF16 tensor-core peaks
@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     out_dir: str | None = None    # log.jsonl and ckpt.pt go here (None: nothing written)
     ckpt_every: int = 0           # steps between checkpoints (0: at the end only)
+    stop_after: int = 0           # stop (checkpointing) after this step, as if interrupted (0: run all steps)
     resume: bool = False
     device: str = "auto"          # "cpu", "cuda" or "auto"
     log_every: int = 10
@@ -112,7 +113,8 @@ def train(cfg: TrainConfig):
         torch.cuda.set_device(device)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size must be a multiple of the {world} ranks, got {cfg.batch_size}")
-    args = preset(cfg.preset, precision=cfg.precision, max_seq_len=max(PRESETS[cfg.preset].max_seq_len, cfg.seq_len),
+    base = preset(cfg.preset)  # (raises naming the presets)
+    args = preset(cfg.preset, precision=cfg.precision, max_seq_len=max(base.max_seq_len, cfg.seq_len),
                   backend="auto" if device.type == "cuda" else "reference")
     gamma = args.bias_update_speed if cfg.gamma is None else cfg.gamma
 
@@ -135,7 +137,8 @@ def train(cfg: TrainConfig):
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if device.type == "cuda" and
                  k in torch.cuda.get_device_name(device)), None)
     progress = Progress(cfg.steps, cfg.quiet, rank)
-    for step in range(start, cfg.steps):
+    end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
+    for step in range(start, end):
         t0 = time.perf_counter()
         tokens = data.batch(corpus, step, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world).to(device)
         for group in opt.param_groups:
@@ -162,7 +165,7 @@ def train(cfg: TrainConfig):
         mfu = f" mfu {record['mfu']:.1%}" if peak else ""
         progress.show(step + 1, f"loss {record['loss']:.3f} tok/s {record['tokens_per_s']:.0f}{mfu} "
                                 f"load max/mean {balance:.2f}", cfg.log_every)
-        last = step + 1 == cfg.steps
+        last = step + 1 == end
         if ckpt and rank == 0 and (last or cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0):
             save(ckpt, model, opt, step + 1, log, cfg)
     progress.close()
