@@ -65,10 +65,10 @@ def kernels():
                {"ACCUMULATE": True, "FP8": False, "BLOCK_K": 64, "EMULATE": False, **meta}, opts)
     perm_sig = {"x_ptr": "*bf16", "tok_ptr": "*i32", "out_ptr": "*bf16", "s_ptr": "*fp32", "T": "i32", "D": "i32",
                 "stride_x": "i32", "stride_out": "i32", "stride_sr": "i32", "stride_sg": "i32"}
-    yield ("moe_permute", tmoe._permute_kernel, perm_sig, {"FP8": False, "POW2": False, "BLOCK_D": 1024,
+    yield ("moe_permute", tmoe._permute_kernel, perm_sig, {"FP8": False, "POW2": False, "GROUPS": 8,
                                                            "EMULATE": False}, {"num_warps": 4})
     yield ("moe_permute(fp8)", tmoe._permute_kernel, {**perm_sig, "out_ptr": "*fp8e4nv"},
-           {"FP8": True, "POW2": True, "BLOCK_D": 128, "EMULATE": False}, {"num_warps": 4})
+           {"FP8": True, "POW2": True, "GROUPS": 8, "EMULATE": False}, {"num_warps": 4})
     moe_sig = {"y_ptr": "*bf16", "slot_ptr": "*i32", "w_ptr": "*fp32", "out_ptr": "*bf16", "R": "i32", "D": "i32",
                 "stride_y": "i32", "stride_out": "i32"}
     for weighted in (True, False):
@@ -90,17 +90,18 @@ def kernels():
            {"idx_ptr": "*i32", "hist_ptr": "*i32", "mind_ptr": "*i32", "tok_ptr": "*i32", "S": "i32", "E": "i32",
             "ROWS": "i32", "ROWS_PER_PROGRAM": "i32"}, {"BLOCK_S": 128, "E_PAD": 256, "BLOCK_R": 256}, {"num_warps": 4})
     yield ("moe_layout_scan", tmoe._layout_scan_kernel,
-           {"hist_ptr": "*i32", "offs_ptr": "*i32", "start_ptr": "*i32", "counts_ptr": "*i32", "NB": "i32", "E": "i32"},
-           {"ALIGN": 128, "BLOCK_B": 64, "BLOCK_E": 64}, {"num_warps": 4})
+           {"hist_ptr": "*i32", "offs_ptr": "*i32", "start_ptr": "*i32", "counts_ptr": "*i32", "NB": "i32", "E": "i32",
+            "STRIDE": "i32"}, {"ALIGN": 128, "BLOCK_B": 64, "BLOCK_E": 64}, {"num_warps": 4})
     yield ("moe_layout_scatter", tmoe._layout_scatter_kernel,
            {"idx_ptr": "*i32", "offs_ptr": "*i32", "start_ptr": "*i32", "row_of_slot_ptr": "*i32", "mind_ptr": "*i32",
-            "tok_ptr": "*i32", "S": "i32", "E": "i32", "K": "i32"}, {"BLOCK_S": 128, "E_PAD": 256}, {"num_warps": 4})
+            "tok_ptr": "*i32", "S": "i32", "E": "i32", "K": "i32", "STRIDE": "i32"}, {"BLOCK_S": 128, "E_PAD": 256},
+           {"num_warps": 4})
     swiglu_sig = {"h_ptr": "*bf16", "tok_ptr": "*i32", "out_ptr": "*bf16", "s_ptr": "*fp32", "I": "i32",
                   "stride_h": "i32", "stride_out": "i32", "stride_sr": "i32", "stride_sg": "i32"}
-    yield ("moe_swiglu", tmoe._swiglu_kernel, swiglu_sig, {"FP8": False, "POW2": False, "EMULATE": False},
-           {"num_warps": 4})
+    yield ("moe_swiglu", tmoe._swiglu_kernel, swiglu_sig, {"FP8": False, "POW2": False, "GROUPS": 8,
+                                                           "EMULATE": False}, {"num_warps": 4})
     yield ("moe_swiglu(fp8)", tmoe._swiglu_kernel, {**swiglu_sig, "out_ptr": "*fp8e4nv"},
-           {"FP8": True, "POW2": False, "EMULATE": False}, {"num_warps": 4})
+           {"FP8": True, "POW2": False, "GROUPS": 8, "EMULATE": False}, {"num_warps": 4})
     yield ("moe_swiglu_backward", tmoe._swiglu_backward_kernel,
            {"h_ptr": "*bf16", "d_ptr": "*bf16", "tok_ptr": "*i32", "dh_ptr": "*bf16", "I": "i32", "stride_h": "i32",
             "stride_d": "i32", "stride_dh": "i32"}, {"BLOCK": 1024, "EMULATE": False}, {"num_warps": 4})
