@@ -12,6 +12,8 @@ import json
 import math
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -151,6 +153,11 @@ PRESETS = {
                     n_limited_groups=4, route_scale=2.5, q_lora_rank=1536, max_seq_len=163840,
                     original_seq_len=4096, rope_factor=40.0, beta_fast=32, beta_slow=1, mscale=1.0),
 }
+
+
+def backend_for(device) -> str:
+    """The dskernels backend a model on device runs: the kernels ("auto") on a GPU, the reference on a CPU."""
+    return "auto" if torch.device(device).type == "cuda" else "reference"
 
 
 def preset(name: str, **overrides) -> ModelArgs:

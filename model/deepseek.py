@@ -15,7 +15,7 @@ import os
 import torch
 
 from dskernels import dequant, per_block_quant
-from model.config import ModelArgs
+from model.config import ModelArgs, backend_for
 from model.model import Transformer
 
 _ATTN = {"wq_a": "q_a_proj", "q_norm": "q_a_layernorm", "wq_b": "q_b_proj", "wq": "q_proj",
@@ -95,7 +95,7 @@ def load_deepseek(path: str, device="cpu", **overrides) -> Transformer:
     """A Transformer from a DeepSeek-V3-format directory: fp32 weights (e4m3 ones dequantized per block) on
     device; overrides go to ModelArgs (precision, backend, max_seq_len, ...)."""
     from safetensors import safe_open
-    defaults = {"backend": "auto" if torch.device(device).type == "cuda" else "reference"}
+    defaults = {"backend": backend_for(device)}
     args = ModelArgs.from_config_json(os.path.join(path, "config.json"), **{**defaults, **overrides})
     model = Transformer(args)
     handles = [safe_open(os.path.join(path, f), "pt") for f in sorted(os.listdir(path)) if f.endswith(".safetensors")]

@@ -16,7 +16,7 @@ import torch
 
 from dskernels import dequant, mla, per_block_quant
 from model import data
-from model.config import ModelArgs, preset
+from model.config import ModelArgs, backend_for, preset
 from model.model import BF16, Transformer, apply_rope
 
 PAGE = mla.PAGE_SIZE  # tokens per cache page
@@ -234,7 +234,7 @@ def sample(logits, temperature: float, top_p: float, generator=None) -> torch.Te
 def load(path: str, device) -> Transformer:
     """A model from model.train's checkpoint, on device (the reference backends on a CPU)."""
     state = torch.load(path, map_location=device, weights_only=False)
-    fields = dict(state["args"], backend="auto" if torch.device(device).type == "cuda" else "reference")
+    fields = dict(state["args"], backend=backend_for(device))
     model = Transformer(ModelArgs(**fields)).to(device)
     model.load_state_dict(state["model"])
     return model.eval()
@@ -260,8 +260,7 @@ def main(argv=None):
     elif a.ckpt:
         model = load(a.ckpt, a.device)
     else:
-        backend = "auto" if torch.device(a.device).type == "cuda" else "reference"
-        model = Transformer(preset(a.preset, backend=backend)).to(a.device).eval()
+        model = Transformer(preset(a.preset, backend=backend_for(a.device))).to(a.device).eval()
     prompts = a.prompt or ["def "]
     ids = [data.encode(t).tolist() for t in prompts]
     if a.speculative:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from model import data
-from model.config import preset
+from model.config import backend_for, preset
 from model.model import Transformer
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0}  # dense BF16 tensor-core peaks
@@ -115,7 +115,7 @@ def train(cfg: TrainConfig):
         raise ValueError(f"batch_size must be a multiple of the {world} ranks, got {cfg.batch_size}")
     base = preset(cfg.preset)  # (raises naming the presets)
     args = preset(cfg.preset, precision=cfg.precision, max_seq_len=max(base.max_seq_len, cfg.seq_len),
-                  backend="auto" if device.type == "cuda" else "reference")
+                  backend=backend_for(device))
     gamma = args.bias_update_speed if cfg.gamma is None else cfg.gamma
 
     torch.manual_seed(cfg.seed)
