@@ -579,3 +579,24 @@ def test_moe_module_forward_and_gradients_against_float64(backend, fp8):
                                        shared_w13=layer.shared["w13"].weight, shared_w2=layer.shared["w2"].weight,
                                        n_group=4, topk_group=2, route_scale=2.0, fp8=fp8, backend=backend)
         assert torch.equal(y_fn, layer(x)) and torch.equal(counts, layer.last_counts)
+
+
+@pytest.mark.parametrize("backend", backends_for("moe_swiglu_fp8"))
+def test_fp8_expert_copies_follow_every_optimizer_step(backend):
+    """The FP8 module's cached e4m3 experts are made again after each optimizer step, the fused and
+    foreach AdamW's too (they update the parameters without advancing their version counters): after
+    every step the module's output is that of a new module holding the stepped weights."""
+    torch.manual_seed(131)
+    T, D, I, E, k = 64, 128, 128, 4, 2
+    layer = moe.MoE(D, I, E, k, n_shared_experts=0, fp8=True, backend=backend, device=DEVICE)
+    x = torch.randn(T, D).to(torch.bfloat16).to(DEVICE)
+    layer(x)
+    for opt in (torch.optim.SGD(layer.parameters(), lr=0.5), torch.optim.AdamW(layer.parameters(), lr=0.05, fused=True),
+                torch.optim.AdamW(layer.parameters(), lr=0.05, foreach=True)):
+        layer(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        fresh = moe.MoE(D, I, E, k, n_shared_experts=0, fp8=True, backend=backend, device=DEVICE)
+        fresh.load_state_dict(layer.state_dict())
+        with torch.no_grad():
+            assert torch.equal(layer(x), fresh(x)), f"the {type(opt).__name__} step was not picked up"

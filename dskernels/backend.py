@@ -13,6 +13,7 @@ import functools
 import os
 
 import torch
+import torch.optim.optimizer as _optim
 
 BACKENDS = ("reference", "triton", "cuda")
 
@@ -244,3 +245,21 @@ def empty(shape, dtype, device, strides=None) -> torch.Tensor:
         span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))  # the whole storage, padding too
         t.as_strided((span,), (1,)).view(torch.uint8).fill_(_POISON)
     return t
+
+
+# Every torch.optim optimizer's step() counted, process-wide: the FP8 weight caches (FP8Linear, MoE) key on
+# it beside the weight's version counter, which the fused and foreach optimizers leave unchanged when they
+# update the parameters in place (torch's fused AdamW does: its step writes the weight, _version stays).
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    _OPTIMIZER_STEPS[0] += 1
+
+
+_optim.register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_steps() -> int:
+    """How many optimizer steps (any torch.optim optimizer's) this process has taken."""
+    return _OPTIMIZER_STEPS[0]

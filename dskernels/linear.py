@@ -249,10 +249,12 @@ class FP8Linear(torch.nn.Module):
     def quantized_weight(self, transposed: bool = True):
         """quantize_weight(self.weight), cached (W^T's copy made only once a backward needs it). In eager
         mode the cache is used only while the weight is the same tensor object with the same storage, dtype,
-        shape and device, the same value of its version counter (which every in-place update advances:
-        optimizer.step(), copy_(), add_() under no_grad) and the same inference mode. Updates that leave the
-        counter alone are not seen: writes through `weight.data` and in-place updates replayed from a CUDA
-        graph (a captured optimizer step); call invalidate_weight_cache() after them. A weight computed per
+        shape and device, the same value of its version counter (which in-place updates advance: copy_(),
+        add_() under no_grad), no torch.optim optimizer has stepped since (any optimizer's step(): the fused
+        and foreach ones update parameters without advancing their version counters) and the same
+        inference mode. Updates that do neither are not seen: writes through `weight.data` and in-place
+        updates replayed from a CUDA graph (a captured optimizer step); call invalidate_weight_cache() after
+        them. A weight computed per
         call (a parametrization, torch.func.functional_call) is never cached. Under CUDA-graph capture and
         torch.compile the weight is quantized in every call, inside the graph, so each replay reads the
         current weight."""
@@ -264,7 +266,8 @@ class FP8Linear(torch.nn.Module):
         if (torch.compiler.is_compiling() or (w.is_cuda and torch.cuda.is_current_stream_capturing())
                 or w.grad_fn is not None or torch.nn.utils.parametrize.is_parametrized(self, "weight")):
             return quantize_weight(w, transposed=transposed, backend=self.backend)
-        key = (w.data_ptr(), w._version, w.dtype, w.shape, w.device, torch.is_inference_mode_enabled())
+        key = (w.data_ptr(), w._version, _backend.optimizer_steps(), w.dtype, w.shape, w.device,
+               torch.is_inference_mode_enabled())
         cached = self._cached
         if cached is None or cached[0]() is not w or cached[1] != key:
             made = quantize_weight(w, transposed=transposed, backend=self.backend)

@@ -615,8 +615,9 @@ class MoE(torch.nn.Module):
     forward(x [..., dim] bf16) splits into route(), dispatch(), run_experts() and combine() so that an
     expert-parallel dispatch can replace the local one; the last call's expert loads stay in
     self.last_counts (a device tensor) for update_bias. The experts' FP8 copies are made once per weight
-    version (as FP8Linear's: an optimizer step, or any in-place update, makes new ones; writes through
-    `.data` leave the version alone: call invalidate_weight_cache() after them)."""
+    version and optimizer step (as FP8Linear's: any torch.optim step, the fused ones included, or any
+    in-place update makes new ones; writes through `.data` are not seen: call invalidate_weight_cache()
+    after them)."""
 
     def __init__(self, dim: int, inter_dim: int, n_routed_experts: int, n_activated_experts: int, *,
                  n_shared_experts: int = 1, n_expert_groups: int = 1, n_limited_groups: int = 1,
@@ -671,7 +672,7 @@ class MoE(torch.nn.Module):
         w13, w2 = self.w13, self.w2
         if torch.compiler.is_compiling() or (w13.is_cuda and torch.cuda.is_current_stream_capturing()):
             return quantize_experts(w13, w2, backend=self.backend)
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.shape) for w in (w13, w2))
+        key = (_backend.optimizer_steps(), *((w.data_ptr(), w._version, w.dtype, w.shape) for w in (w13, w2)))
         if self._cached is None or self._cached[0] != key:
             self._cached = (key, quantize_experts(w13, w2, backend=self.backend))
         return self._cached[1]
