@@ -90,12 +90,12 @@ def kernels():
            {"idx_ptr": "*i32", "hist_ptr": "*i32", "mind_ptr": "*i32", "tok_ptr": "*i32", "S": "i32", "E": "i32",
             "ROWS": "i32", "ROWS_PER_PROGRAM": "i32"}, {"BLOCK_S": 128, "E_PAD": 256, "BLOCK_R": 256}, {"num_warps": 4})
     yield ("moe_layout_scan", tmoe._layout_scan_kernel,
-           {"hist_ptr": "*i32", "offs_ptr": "*i32", "start_ptr": "*i32", "counts_ptr": "*i32", "NB": "i32", "E": "i32",
-            "STRIDE": "i32"}, {"ALIGN": 128, "BLOCK_B": 64, "BLOCK_E": 64}, {"num_warps": 4})
+           {"hist_ptr": "*i32", "offs_ptr": "*i32", "counts_ptr": "*i32", "NB": "i32", "E": "i32"},
+           {"BLOCK_B": 256, "BLOCK_E": 16}, {"num_warps": 4})
     yield ("moe_layout_scatter", tmoe._layout_scatter_kernel,
-           {"idx_ptr": "*i32", "offs_ptr": "*i32", "start_ptr": "*i32", "row_of_slot_ptr": "*i32", "mind_ptr": "*i32",
-            "tok_ptr": "*i32", "S": "i32", "E": "i32", "K": "i32", "STRIDE": "i32"}, {"BLOCK_S": 128, "E_PAD": 256},
-           {"num_warps": 4})
+           {"idx_ptr": "*i32", "offs_ptr": "*i32", "counts_ptr": "*i32", "start_ptr": "*i32", "row_of_slot_ptr": "*i32",
+            "mind_ptr": "*i32", "tok_ptr": "*i32", "S": "i32", "E": "i32", "K": "i32", "STRIDE": "i32"},
+           {"ALIGN": 128, "BLOCK_S": 128, "E_PAD": 256}, {"num_warps": 4})
     swiglu_sig = {"h_ptr": "*bf16", "tok_ptr": "*i32", "out_ptr": "*bf16", "s_ptr": "*fp32", "I": "i32",
                   "stride_h": "i32", "stride_out": "i32", "stride_sr": "i32", "stride_sg": "i32"}
     yield ("moe_swiglu", tmoe._swiglu_kernel, swiglu_sig, {"FP8": False, "POW2": False, "GROUPS": 8,

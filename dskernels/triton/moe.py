@@ -225,49 +225,56 @@ def _layout_hist_kernel(idx_ptr, hist_ptr, mind_ptr, tok_ptr, S, E, ROWS, ROWS_P
 
 
 @triton.jit
-def _layout_scan_kernel(hist_ptr, offs_ptr, start_ptr, counts_ptr, NB, E, STRIDE, ALIGN: tl.constexpr,
-                        BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
-    """One program: offs[b, e] = the rows of expert e in the blocks before b, counts[e] = all of them,
-    start[e] = the sum of the earlier experts' counts each rounded up to ALIGN (contiguous, STRIDE 0) or
-    e * STRIDE (masked)."""
-    running = tl.sum(tl.zeros((BLOCK_E,), tl.int32), axis=0)  # (an int32 scalar tensor: a loop-carried value)
-    for e0 in range(0, E, BLOCK_E):
-        e = e0 + tl.arange(0, BLOCK_E)
-        carry = tl.zeros((BLOCK_E,), tl.int32)
-        for b0 in range(0, NB, BLOCK_B):
-            b = b0 + tl.arange(0, BLOCK_B)
-            m = (b < NB)[:, None] & (e < E)[None, :]
-            h = tl.load(hist_ptr + b[:, None].to(tl.int64) * E + e[None, :], mask=m, other=0)
-            tl.store(offs_ptr + b[:, None].to(tl.int64) * E + e[None, :], tl.cumsum(h, axis=0) - h + carry[None, :],
-                     mask=m)
-            carry += tl.sum(h, axis=0)
-        padded = (carry + ALIGN - 1) // ALIGN * ALIGN
-        tl.store(counts_ptr + e, carry, mask=e < E)
-        start = tl.where(STRIDE > 0, e * STRIDE, running + tl.cumsum(padded, axis=0) - padded)
-        tl.store(start_ptr + e, start, mask=e < E)
-        running += tl.sum(padded, axis=0)
+def _layout_scan_kernel(hist_ptr, offs_ptr, counts_ptr, NB, E, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Experts [pid * BLOCK_E, ...), each a column of hist scanned on its own: offs[b, e] = the rows of
+    expert e in the blocks before b, counts[e] = all of them."""
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    carry = tl.zeros((BLOCK_E,), tl.int32)
+    for b0 in range(0, NB, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        m = (b < NB)[:, None] & (e < E)[None, :]
+        h = tl.load(hist_ptr + b[:, None].to(tl.int64) * E + e[None, :], mask=m, other=0)
+        tl.store(offs_ptr + b[:, None].to(tl.int64) * E + e[None, :], tl.cumsum(h, axis=0) - h + carry[None, :],
+                 mask=m)
+        carry += tl.sum(h, axis=0)
+    tl.store(counts_ptr + e, carry, mask=e < E)
 
 
 @triton.jit
-def _layout_scatter_kernel(idx_ptr, offs_ptr, start_ptr, row_of_slot_ptr, mind_ptr, tok_ptr, S, E, K, STRIDE,
-                           BLOCK_S: tl.constexpr, E_PAD: tl.constexpr):
+def _segment_starts(counts_ptr, E, STRIDE, ALIGN: tl.constexpr, E_PAD: tl.constexpr):
+    """[E_PAD] int32: expert e's first row, the sum of the earlier experts' counts each rounded up to ALIGN
+    (contiguous, STRIDE 0) or e * STRIDE (masked)."""
+    cols = tl.arange(0, E_PAD)
+    padded = (tl.load(counts_ptr + cols, mask=cols < E, other=0) + ALIGN - 1) // ALIGN * ALIGN
+    return tl.where(STRIDE > 0, cols * STRIDE, tl.cumsum(padded, axis=0) - padded)
+
+
+@triton.jit
+def _layout_scatter_kernel(idx_ptr, offs_ptr, counts_ptr, start_ptr, row_of_slot_ptr, mind_ptr, tok_ptr, S, E, K,
+                           STRIDE, ALIGN: tl.constexpr, BLOCK_S: tl.constexpr, E_PAD: tl.constexpr):
     """Block b of the slots: each slot's row = its expert's segment start + the expert's rows in earlier
     blocks + its rank among this block's slots of that expert (slot order: tokens ascending). A masked
-    segment (STRIDE > 0) holds STRIDE rows: a slot past them (a token naming an expert twice) gets none."""
+    segment (STRIDE > 0) holds STRIDE rows: a slot past them (a token naming an expert twice) gets none.
+    Every program works out the segment starts from the counts (E values); the first one stores them."""
     b = tl.program_id(0)
     s = b * BLOCK_S + tl.arange(0, BLOCK_S)
     e = tl.load(idx_ptr + s, mask=s < S, other=-1)
     valid = (s < S) & (e >= 0) & (e < E)
     cols = tl.arange(0, E_PAD)
+    starts = _segment_starts(counts_ptr, E, STRIDE, ALIGN, E_PAD)
+    tl.store(start_ptr + cols, starts, mask=(cols < E) & (cols * 0 + b == 0))  # (a vector mask: the interpreter)
     hot = ((e[:, None] == cols[None, :]) & valid[:, None]).to(tl.int32)
     rank = tl.sum(tl.cumsum(hot, axis=0) * hot, axis=1) - 1
     ee = tl.where(valid, e, 0)
     rank = tl.load(offs_ptr + b.to(tl.int64) * E + ee, mask=valid, other=0) + rank  # within the expert's rows
     valid = valid & (rank < STRIDE + (STRIDE == 0) * (1 << 30))  # (contiguous: unbounded)
-    row = tl.load(start_ptr + ee, mask=valid, other=0) + rank
+    row = tl.sum(tl.where(cols[None, :] == ee[:, None], starts[None, :], 0), axis=1) + rank
     tl.store(row_of_slot_ptr + s, tl.where(valid, row, -1), mask=s < S)
     tl.store(mind_ptr + row, e, mask=valid)
     tl.store(tok_ptr + row, s // K, mask=valid)
+
+
+ROUTE_ELEMENTS, ROUTE_WARPS = 4096, 4  # affinities a route program holds (tokens x padded experts), its warps
 
 
 def route_choice(s, bias, topk, n_group, topk_group, idx, counts):
@@ -276,16 +283,20 @@ def route_choice(s, bias, topk, n_group, topk_group, idx, counts):
     T, E = s.shape
     per = E // n_group
     g_pad, per_pad = triton.next_power_of_2(n_group), triton.next_power_of_2(per)
-    block_t = max(1, min(64, 4096 // (g_pad * per_pad)))
+    block_t = max(1, min(64, ROUTE_ELEMENTS // (g_pad * per_pad)))
     counts.zero_()
     if T:
         _route_kernel[(triton.cdiv(T, block_t),)](s, s if bias is None else bias, idx, counts, T, E, per, s.stride(0),
                                                   HAS_BIAS=bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
                                                   TOPK=topk, BLOCK_T=block_t, G_PAD=g_pad, PER_PAD=per_pad,
-                                                  num_warps=4)
+                                                  num_warps=ROUTE_WARPS)
 
 
 LAYOUT_BLOCK = 128  # slots per program of the layout kernels
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
 
 
 def layout(topk_idx, num_experts, alignment, stride, m_indices, token_of_row, row_of_slot, segment_start, counts,
@@ -299,11 +310,13 @@ def layout(topk_idx, num_experts, alignment, stride, m_indices, token_of_row, ro
     hist, offs = workspace[0], workspace[1]
     _layout_hist_kernel[(blocks,)](topk_idx, hist, m_indices, token_of_row, S, E, rows, triton.cdiv(rows, blocks),
                                    BLOCK_S=LAYOUT_BLOCK, E_PAD=e_pad, BLOCK_R=256, num_warps=4)
-    _layout_scan_kernel[(1,)](hist, offs, segment_start, counts, blocks, E, stride, ALIGN=alignment, BLOCK_B=64,
-                              BLOCK_E=min(64, e_pad), num_warps=4)
-    if S:
-        _layout_scatter_kernel[(blocks,)](topk_idx, offs, segment_start, row_of_slot, m_indices, token_of_row, S, E,
-                                          topk_idx.shape[1], stride, BLOCK_S=LAYOUT_BLOCK, E_PAD=e_pad, num_warps=4)
+    block_e = min(16, e_pad)
+    _layout_scan_kernel[(triton.cdiv(E, block_e),)](hist, offs, counts, blocks, E, BLOCK_B=min(256, _pow2(blocks)),
+                                                    BLOCK_E=block_e, num_warps=4)
+    # (with no slots one program still stores the segment starts)
+    _layout_scatter_kernel[(blocks,)](topk_idx, offs, counts, segment_start, row_of_slot, m_indices, token_of_row, S,
+                                      E, max(1, topk_idx.shape[1]), stride, ALIGN=alignment, BLOCK_S=LAYOUT_BLOCK,
+                                      E_PAD=e_pad, num_warps=4)
 
 
 # ---------------------------------------------------------------------------------------------
