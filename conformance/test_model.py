@@ -6,6 +6,7 @@ the kernels."""
 import dataclasses
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -41,6 +42,34 @@ def test_resumed_training_is_bit_exact(tmp_path):
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert os.path.exists(tmp_path / "a" / "log.jsonl")
+
+
+def test_loss_curves_plot_from_the_training_logs(tmp_path):
+    """model.plot draws the logs model.train writes (log.jsonl) into a PNG."""
+    pytest.importorskip("matplotlib")
+    from model import plot
+    for precision in ("bf16", "fp8"):
+        train(TrainConfig(steps=3, warmup=1, precision=precision, out_dir=str(tmp_path / precision), **FAST))
+    logs = [str(tmp_path / p / "log.jsonl") for p in ("bf16", "fp8")]
+    runs = {k: v for path in logs for k, v in plot.curves(path).items()}
+    assert list(runs) == ["bf16", "fp8"] and all(len(v) == 3 for v in runs.values())
+    plot.main([*logs, "-o", str(tmp_path / "loss.png"), "--smooth", "2"])
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_micro_batches_take_the_whole_batchs_step():
+    """A step over 8 sequences in 4 passes of 2 is the step over all 8 up to rounding (the bf16 GEMMs sum
+    in another order over fewer rows: 5e-4 relative measured): the same losses over 4 steps (so the same
+    parameters after each), the same gradient norms (AdamW and clipping would hide a gradient scaled by
+    the passes), the same expert loads (the balance)."""
+    whole = TrainConfig(steps=4, warmup=1, **FAST)
+    _, a = train(whole)
+    _, b = train(dataclasses.replace(whole, micro_batches=4))
+    for ra, rb in zip(a, b):
+        assert all(abs(ra[k] - rb[k]) <= 2e-3 * ra[k] for k in ("loss", "grad_norm")), (ra, rb)
+        assert ra["balance"] == rb["balance"], (ra, rb)
+    with pytest.raises(ValueError, match="micro_batches must divide"):
+        train(dataclasses.replace(whole, micro_batches=3))
 
 
 def test_fp8_forward_matches_bf16_with_the_same_weights():
@@ -148,9 +177,10 @@ def test_bad_model_arguments_are_refused_by_name():
         model(torch.zeros(1, 129, dtype=torch.long, device=DEVICE))
 
 
-@pytest.mark.parametrize("dense,precision", [(True, "bf16"), (False, "bf16"), (True, "fp8")],
-                         ids=["dense", "moe", "fp8-dense"])
-def test_absorbed_decode_reproduces_the_full_forward(dense, precision):
+@pytest.mark.parametrize("dense,precision,attention", [(True, "bf16", "absorb"), (False, "bf16", "absorb"),
+                                                       (True, "fp8", "absorb"), (True, "bf16", "naive")],
+                         ids=["dense", "moe", "fp8-dense", "naive-dense"])
+def test_absorbed_decode_reproduces_the_full_forward(dense, precision, attention):
     """Prefill a ragged batch (prompts of 5 and 9 tokens), then decode the rest of each sequence token by
     token, fed the true tokens, through the paged latent cache and the absorbed MLA kernels: each
     position's logits are the full forward's over the same tokens to bf16 rounding (the two paths round
@@ -160,15 +190,15 @@ def test_absorbed_decode_reproduces_the_full_forward(dense, precision):
     layouts) a position whose routing sits on a near-tie may pick another expert in one path (one of 32
     here): there every position but one in 16 must hold the bound, and the greedy token may differ from the
     full forward's at one position at most where its top-2 margin exceeds 1e-2 (0.1 for FP8; at none for dense
-    blocks)."""
+    blocks). The naive baseline (per-head K and V cached, attention="naive") holds the same bounds."""
     from model.generate import Generator, PagedCache
     torch.manual_seed(13)
     model = Transformer(preset("tiny", n_dense_layers=2 if dense else 1, precision=precision,
                                backend=BACKEND)).to(DEVICE).eval()
-    gen = Generator(model)
+    gen = Generator(model, attention=attention)
     seqs = data.batch(data.split(data.corpus(), "train"), 3, 2, 23, seed=14).to(DEVICE)  # [2, 24]
     prompts = [seqs[0, :5].tolist(), seqs[1, :9].tolist()]
-    cache = PagedCache(model, 2, 24, DEVICE)
+    cache = PagedCache(model, 2, 24, DEVICE, attention)
     got = [[row] for row in gen.prefill(cache, prompts)[0]]
     for step in range(24 - 9):
         tokens = torch.stack([seqs[0, 5 + step], seqs[1, 9 + step]])
@@ -267,7 +297,7 @@ def test_mtp_speculative_decoding_keeps_its_caches_as_plain_decoding_would():
     model = Transformer(preset("tiny", n_dense_layers=2, backend=BACKEND)).to(DEVICE).eval()
     with torch.no_grad():
         model.head.weight.mul_(30)
-    gen = Generator(model)
+    gen = Generator(model, cuda_graph=False)  # (the oracle below reads the lengths on the host)
     seqs = data.batch(data.split(data.corpus(), "train"), 0, 2, 12, seed=0)
     prompts = [seqs[0].tolist(), seqs[1, :7].tolist()]
     new = 30
@@ -299,6 +329,25 @@ def test_mtp_speculative_decoding_keeps_its_caches_as_plain_decoding_would():
         Generator(model).generate_speculative([[1]], 5)
 
 
+@gpu_only
+def test_decode_replayed_as_cuda_graphs_gives_the_eager_tokens():
+    """Each decode step (and speculative step) after the first replays one captured CUDA graph: the same
+    kernels over the same inputs, so the same tokens bit for bit as eager decoding (a ragged MoE batch,
+    sampled and greedy, absorbed and naive attention), and the speculative acceptance rate alike."""
+    from model.generate import Generator
+    torch.manual_seed(23)
+    model = Transformer(preset("tiny", backend=BACKEND)).to(DEVICE).eval()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], list(range(40, 60))]
+    for attention in ("absorb", "naive"):
+        eager, graphed = (Generator(model, attention=attention, cuda_graph=g) for g in (False, True))
+        for kw in (dict(), dict(temperature=0.9, top_p=0.95, seed=4)):
+            want = eager.generate(prompts, 24, **kw)
+            assert graphed.generate(prompts, 24, **kw) == want, (attention, kw)
+        assert graphed.generate_speculative(prompts, 24) == eager.generate_speculative(prompts, 24), attention
+    with pytest.raises(ValueError, match="attention must be one of"):
+        Generator(model, attention="flash")
+
+
 PARITY_STEPS = 1000
 
 
@@ -326,13 +375,23 @@ def test_fp8_training_matches_bf16_training():
     100 steps); beside it, the same figures between two BF16 runs that differ only in seed (the noise
     floor), and an FP8 run whose activation scales come from the neighbouring 1 x 128 group (a broken
     recipe), which must fail the bounds."""
-    import json
     import dskernels.linear as lin
     cfg = dict(preset="small", steps=PARITY_STEPS, batch_size=16, seq_len=256, warmup=100, lr=1e-3,
                device="cuda", quiet=True)
-    _, bf16 = train(TrainConfig(precision="bf16", **cfg))
-    _, fp8 = train(TrainConfig(precision="fp8", **cfg))
-    _, seed1 = train(TrainConfig(precision="bf16", seed=1, **cfg))
+    out = os.environ.get("DSKERNELS_BENCH_OUT")
+    curves = {}
+
+    def run(name, **kw):  # each run's curve written as it ends, so a phase cut short keeps what it had
+        start = time.perf_counter()
+        curves[name] = train(TrainConfig(**{**cfg, **kw}))[1]
+        print(f"{name}: {time.perf_counter() - start:.1f} s, last loss {curves[name][-1]['main']:.4f}", flush=True)
+        if out:
+            with open(os.path.join(out, "training_parity_curves.json"), "w") as f:
+                json.dump({k: [r["main"] for r in v] for k, v in curves.items()}, f)
+        return curves[name]
+    bf16 = run("bf16", precision="bf16")
+    fp8 = run("fp8", precision="fp8")
+    seed1 = run("bf16_seed1", precision="bf16", seed=1)
     both = lin.both_unchecked
 
     def wrong_block(x, *args):  # each group's scale taken from its neighbour along K
@@ -340,18 +399,17 @@ def test_fp8_training_matches_bf16_training():
         return q, s.roll(1, dims=1), q_t, s_t
     lin.both_unchecked = wrong_block
     try:
-        _, broken = train(TrainConfig(precision="fp8", **cfg))
+        broken = run("broken_fp8", precision="fp8")
     finally:
         lin.both_unchecked = both
     figures = {"fp8": _parity(bf16, fp8), "bf16_seed": _parity(bf16, seed1), "broken_fp8": _parity(bf16, broken),
                "tokens_per_s": {k: sum(r["tokens_per_s"] for r in v[10:]) / len(v[10:])
                                 for k, v in (("bf16", bf16), ("fp8", fp8))}}
     print("training parity (relative tail gap, smoothed gap nats, slope nats/100 steps):", json.dumps(figures))
-    out = os.environ.get("DSKERNELS_BENCH_OUT")
     if out:
         with open(os.path.join(out, "training_parity.json"), "w") as f:
-            json.dump({"steps": PARITY_STEPS, **figures, "bf16": [r["main"] for r in bf16],
-                       "fp8": [r["main"] for r in fp8]}, f)
+            json.dump({"steps": PARITY_STEPS, "figures": figures,
+                       "curves": {k: [r["main"] for r in v] for k, v in curves.items()}}, f)
 
     def holds(rel, gap, slope):
         return rel <= 0.0025 and abs(gap) <= 0.01 and slope <= 0.002

@@ -7,7 +7,15 @@ A decode step never forms k or v: the query's non-RoPE part is absorbed into the
 (q_nope W_UK, dskernels.mla.absorb_query), attention runs over the cached [c | k_rope] rows
 (dskernels.mla.mla_decode, one metadata for all layers per step), and its output leaves the latent space
 through W_UV (absorb_output) before wo; the MoE layers run over masked layouts (the masked grouped
-GEMMs). A ragged batch decodes together, each sequence at its own position.
+GEMMs). A ragged batch decodes together, each sequence at its own position. On a GPU each decode step
+(or speculative step) after the first replays one CUDA graph: the step's kernels without the host's
+launches in between.
+
+Generator(model, attention="naive") is the un-absorbed baseline DeepSeek-V3's inference code calls
+"naive": per-head keys [k_nope | k_rope] and values cached ([B, max_len, H, 192] and [B, max_len, H, 128]
+bf16 per layer: 640 x n_heads bytes a token against the latent's 1152, 13 times as much at the bench
+preset's 24 heads, 71 times at DeepSeek-V3's 128), softmax attention over them (torch's
+scaled_dot_product_attention with a mask of each sequence's length).
 """
 import argparse
 import sys
@@ -30,17 +38,28 @@ def check_decodable(args: ModelArgs):
                          f"qk_rope_head_dim, v_head_dim) = (512, 128, 64, 128), got {dims}")
 
 
+ATTENTION = ("absorb", "naive")
+
+
 class PagedCache:
     """One paged latent cache per block, [num_pages, 64, 1, 576] bf16, sharing one block table (sequence b
     owns pages b * pages_per_seq ...) and cache_seqlens [B] int32; the MTP block's own cache and lengths
-    beside them when the model has one (speculative decoding)."""
+    beside them when the model has one (speculative decoding). attention="naive": per block the keys
+    [B, max_len, H, 192] and values [B, max_len, H, 128] bf16 instead (the un-absorbed baseline)."""
 
-    def __init__(self, model: Transformer, batch: int, max_len: int, device):
+    def __init__(self, model: Transformer, batch: int, max_len: int, device, attention: str = "absorb"):
+        a = model.args
         pages = -(-max_len // PAGE)
         self.num_pages = batch * pages
         self.block_table = torch.arange(self.num_pages, dtype=torch.int32, device=device).view(batch, pages)
-        width = model.args.kv_lora_rank + model.args.qk_rope_head_dim
-        new = lambda: torch.zeros(self.num_pages, PAGE, 1, width, dtype=BF16, device=device)  # noqa: E731
+        width = a.kv_lora_rank + a.qk_rope_head_dim
+        if attention == "naive":
+            def new():
+                return (torch.zeros(batch, max_len, a.n_heads, a.qk_head_dim, dtype=BF16, device=device),
+                        torch.zeros(batch, max_len, a.n_heads, a.v_head_dim, dtype=BF16, device=device))
+        else:
+            def new():
+                return torch.zeros(self.num_pages, PAGE, 1, width, dtype=BF16, device=device)
         self.caches = [new() for _ in model.layers]
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.mtp_cache = new() if model.mtp is not None else None
@@ -49,12 +68,21 @@ class PagedCache:
 
 class Generator:
     """Prefill and absorbed decode for a Transformer (its weights as they are: make a new one after
-    training), greedy speculative decoding with its MTP module."""
+    training), greedy speculative decoding with its MTP module. attention: "absorb" (the latent cache and
+    dskernels.mla) or "naive" (per-head K and V cached, the baseline); cuda_graph: replay each decode step
+    as a CUDA graph (default: on a GPU)."""
 
-    def __init__(self, model: Transformer):
-        check_decodable(model.args)
-        self.model, self.args = model, model.args
+    def __init__(self, model: Transformer, attention: str = "absorb", cuda_graph: bool | None = None):
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+        if attention == "absorb":
+            check_decodable(model.args)
+        self.model, self.args, self.attention = model, model.args, attention
         self.backend = "reference" if self.args.backend == "reference" else "auto"
+        on_gpu = model.rope_cos.is_cuda
+        if cuda_graph and not on_gpu:
+            raise ValueError("cuda_graph: the model is not on a GPU")
+        self.cuda_graph = on_gpu if cuda_graph is None else cuda_graph
         self.wkv_b = [self._absorbed_weight(layer.attn) for layer in model.layers]  # [H * 256, 512] each
         self.mtp_wkv_b = self._absorbed_weight(model.mtp.block.attn) if model.mtp is not None else None
 
@@ -89,14 +117,49 @@ class Generator:
         return torch.cat(logits), torch.cat(hidden)
 
     def _prefill_attention(self, attn, kv, cache, b, mtp=False):
-        """The training attention over a whole prompt, writing its latents into kv (sequence b)."""
+        """The training attention over a whole prompt, writing its latents (or keys and values) into kv
+        (sequence b)."""
         seqlens = cache.mtp_seqlens if mtp else cache.seqlens
 
         def attend(x, cos, sin):
             o, c, k_rope = attn.forward_with_latent(x, cos, sin)
-            mla.append_to_cache(kv, cache.block_table[b:b + 1], seqlens[b:b + 1], c.to(BF16), k_rope[:, :, 0].to(BF16),
-                                backend=self.backend)
+            if self.attention == "naive":
+                start = seqlens[b:b + 1]
+                self._naive_append(attn, kv, start[:, None] + torch.arange(x.shape[1], device=x.device), b, c, k_rope)
+            else:
+                mla.append_to_cache(kv, cache.block_table[b:b + 1], seqlens[b:b + 1], c.to(BF16),
+                                    k_rope[:, :, 0].to(BF16), backend=self.backend)
             return o
+        return attend
+
+    def _naive_append(self, attn, kv, positions, batch, c, k_rope):
+        """The naive cache's rows at positions [b, s] of sequences `batch` (a slice index or [B, 1]): keys
+        [k_nope | k_rope] and values from the latent c through wkv_b."""
+        a = self.args
+        k_nope, v = attn.wkv_b(c).view(*c.shape[:2], a.n_heads, -1).split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(-1, -1, a.n_heads, -1)], dim=-1)
+        kv[0][batch, positions] = k.to(BF16)
+        kv[1][batch, positions] = v.to(BF16)
+
+    def _naive_attention(self, attn, kv, before, cos, sin):
+        """Un-absorbed attention for s new tokens per sequence at positions before .. before + s - 1: their
+        keys and values written into kv, softmax attention over each sequence's first before + s rows."""
+        a = self.args
+
+        def attend(x, _cos, _sin):
+            B, s = x.shape[:2]
+            q_nope, q_rope = attn.query(x)
+            c, k_rope = attn.latent(x)
+            q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
+            positions = before[:, None].long() + torch.arange(s, device=x.device)           # [B, s]
+            self._naive_append(attn, kv, positions, torch.arange(B, device=x.device)[:, None], c, k_rope)
+            keys, values = kv
+            mask = torch.arange(keys.shape[1], device=x.device) <= positions[:, :, None]     # [B, s, max_len]
+            q = torch.cat([q_nope, q_rope], dim=-1).to(BF16)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None],
+                scale=a.softmax_scale())
+            return attn.wo(o.transpose(1, 2).reshape(B, s, a.n_heads * a.v_head_dim))
         return attend
 
     def _absorbed_attention(self, attn, wkv_b, kv, cache, before, md, cos, sin):
@@ -123,15 +186,19 @@ class Generator:
         m, s = self.model, h.shape[1]
         positions = (before[:, None] + torch.arange(s, device=before.device)).long()     # [B, s]
         cos, sin = m.rope_cos[positions], m.rope_sin[positions]                         # [B, s, rope / 2]
-        md = mla.get_mla_metadata(before + s, cache.block_table, cache.num_pages, s, self.args.n_heads,
-                                  backend=self.backend)
+        if self.attention == "absorb":
+            md = mla.get_mla_metadata(before + s, cache.block_table, cache.num_pages, s, self.args.n_heads,
+                                      backend=self.backend)
         moes = m.moe_layers()
         for moe in moes:
             moe.masked = True
         try:
             for block, kv, wkv_b in zip(blocks, caches, wkv_bs):
-                h = block(h, cos, sin, attend=self._absorbed_attention(block.attn, wkv_b, kv, cache, before, md, cos,
-                                                                      sin))
+                if self.attention == "absorb":
+                    attend = self._absorbed_attention(block.attn, wkv_b, kv, cache, before, md, cos, sin)
+                else:
+                    attend = self._naive_attention(block.attn, kv, before, cos, sin)
+                h = block(h, cos, sin, attend=attend)
         finally:
             for moe in moes:
                 moe.masked = False
@@ -144,7 +211,7 @@ class Generator:
         m = self.model
         t = tokens[:, None] if tokens.dim() == 1 else tokens
         h = self._blocks(m.layers, cache.caches, self.wkv_b, m.embed(t).float(), cache, cache.seqlens)
-        cache.seqlens = cache.seqlens + t.shape[1]
+        cache.seqlens += t.shape[1]  # in place: a captured step advances the lengths it reads
         logits = m.logits(h)
         logits = logits[:, 0] if tokens.dim() == 1 else logits
         return (logits, h) if return_hidden else logits
@@ -161,7 +228,7 @@ class Generator:
         before = cache.mtp_seqlens
         h = self._blocks([m.mtp.block], [cache.mtp_cache], [self.mtp_wkv_b], self._mtp_input(hidden, tokens), cache,
                          before)
-        cache.mtp_seqlens = before + 2
+        cache.mtp_seqlens += 2
         return m.head(m.mtp.norm(h[:, -1])).float().argmax(dim=-1)
 
     @torch.no_grad()
@@ -178,23 +245,36 @@ class Generator:
         cache = self._cache(prompts, max_new_tokens + 2)
         logits, hidden = self.prefill(cache, prompts, mtp=True)
         t = logits.argmax(dim=-1)                                     # token n, committed, not yet fed
-        prev = torch.tensor([p[-1] for p in prompts], device=device)  # token n - 1
+        state = {"hidden": hidden, "t": t, "prev": torch.tensor([p[-1] for p in prompts], device=device),  # n - 1
+                 "emit": torch.zeros(len(prompts), 3, dtype=torch.long, device=device)}
+        step = Graphed(lambda: self._speculative_step(cache, state), self.cuda_graph)
         out, drafted, accepted = [[int(x)] for x in t], 0, 0
         while min(len(o) for o in out) < max_new_tokens:
-            d = self._draft(cache, hidden, torch.stack([prev, t], dim=1))
-            logits, h = self.decode(cache, torch.stack([t, d], dim=1), return_hidden=True)  # positions n, n + 1
-            a, nxt = logits[:, 0].argmax(dim=-1), logits[:, 1].argmax(dim=-1)
-            ok = a == d
-            drafted, accepted = drafted + len(prompts), accepted + int(ok.sum())
-            # accepted: n + 2 tokens committed; rejected: n + 1, the draft's row in the main cache dropped, and
-            # the next draft writes the MTP module's rows n - 1 (again, from the same inputs) and n
-            cache.seqlens = torch.where(ok, cache.seqlens, cache.seqlens - 1)
-            cache.mtp_seqlens = torch.where(ok, cache.mtp_seqlens, cache.mtp_seqlens - 1)
-            hidden = torch.where(ok[:, None, None], h, torch.stack([hidden[:, 1], h[:, 0]], dim=1))
-            prev, t = torch.where(ok, d, t), torch.where(ok, nxt, a)
-            for b in range(len(prompts)):
-                out[b] += [int(d[b]), int(nxt[b])] if ok[b] else [int(a[b])]
+            step()
+            for b, (first, second, ok) in enumerate(state["emit"].tolist()):
+                out[b] += [first, second] if ok else [first]
+                drafted, accepted = drafted + 1, accepted + ok
         return [o[:max_new_tokens] for o in out], accepted / max(drafted, 1)
+
+    @torch.no_grad()
+    def _speculative_step(self, cache, state):
+        """One draft-and-verify step on the tensors of state, in place (a CUDA graph replays it): the MTP
+        module drafts token n + 1 from hidden [B, 2, dim] and (prev, t) = tokens n - 1, n; the main model
+        decodes t and the draft (positions n, n + 1). emit [B, 3] gets (the token at n + 1, the one at
+        n + 2, whether the draft was accepted, in which case both are committed)."""
+        hidden, t, prev = state["hidden"], state["t"], state["prev"]
+        d = self._draft(cache, hidden, torch.stack([prev, t], dim=1))
+        logits, h = self.decode(cache, torch.stack([t, d], dim=1), return_hidden=True)
+        a, nxt = logits[:, 0].argmax(dim=-1), logits[:, 1].argmax(dim=-1)
+        ok = a == d
+        # accepted: n + 2 tokens committed; rejected: n + 1, the draft's row in the main cache dropped, and
+        # the next draft writes the MTP module's rows n - 1 (again, from the same inputs) and n
+        cache.seqlens -= (~ok).int()
+        cache.mtp_seqlens -= (~ok).int()
+        state["emit"].copy_(torch.stack([a, nxt, ok.long()], dim=1))
+        hidden.copy_(torch.where(ok[:, None, None], h, torch.stack([hidden[:, 1], h[:, 0]], dim=1)))
+        prev.copy_(torch.where(ok, d, t))
+        t.copy_(torch.where(ok, nxt, a))
 
     def _cache(self, prompts, extra):
         if not prompts or min(len(p) for p in prompts) == 0:
@@ -203,18 +283,42 @@ class Generator:
         if longest > self.args.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens must be at most max_seq_len = {self.args.max_seq_len}, "
                              f"got {longest}")
-        return PagedCache(self.model, len(prompts), longest, self.model.rope_cos.device)
+        return PagedCache(self.model, len(prompts), longest, self.model.rope_cos.device, self.attention)
 
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
         """B prompts (lists of token ids) -> B lists of max_new_tokens new ids; temperature 0 is greedy."""
         cache = self._cache(prompts, max_new_tokens)
         g = torch.Generator(device=self.model.rope_cos.device).manual_seed(seed)
         logits, out = self.prefill(cache, prompts)[0], []
+        tokens = torch.zeros(len(prompts), dtype=torch.long, device=logits.device)
+        step = Graphed(lambda: self.decode(cache, tokens), self.cuda_graph)
         for i in range(max_new_tokens):
             out.append(sample(logits, temperature, top_p, g))
             if i + 1 < max_new_tokens:
-                logits = self.decode(cache, out[-1])
+                tokens.copy_(out[-1])
+                logits = step()
         return torch.stack(out, dim=1).tolist() if out else [[] for _ in prompts]
+
+
+class Graphed:
+    """fn() (no arguments: it reads and writes fixed tensors) run eagerly on the first call, which compiles
+    and initializes what it launches, captured as a CUDA graph on the second and replayed from then on;
+    returns fn's output (the graph's own tensors, overwritten by the next replay). enabled=False: eager
+    every call."""
+
+    def __init__(self, fn, enabled: bool):
+        self.fn, self.enabled, self.calls, self.graph, self.out = fn, enabled, 0, None, None
+
+    def __call__(self):
+        self.calls += 1
+        if not self.enabled or self.calls == 1:
+            return self.fn()
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.fn()
+        self.graph.replay()
+        return self.out
 
 
 def sample(logits, temperature: float, top_p: float, generator=None) -> torch.Tensor:
@@ -229,6 +333,20 @@ def sample(logits, temperature: float, top_p: float, generator=None) -> torch.Te
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def bf16_weights(model: Transformer) -> Transformer:
+    """A BF16 model made for serving, in place: every GEMM's weight (each Linear's, the experts') cast to
+    bf16 once, so that a decode step reads two bytes a weight instead of rounding the fp32 master in every
+    call (the norms, the gate and the embedding keep theirs). The logits are the same bit for bit; train
+    no further on it."""
+    if model.args.precision != "bf16":
+        raise ValueError(f"bf16_weights: the model's precision must be 'bf16', got {model.args.precision!r}")
+    gate = {id(moe.gate.weight) for moe in model.moe_layers()}
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and not name.startswith("embed") and id(p) not in gate:
+            p.data = p.data.to(BF16)
+    return model
 
 
 def load(path: str, device) -> Transformer:
@@ -252,6 +370,9 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--speculative", action="store_true", help="greedy, drafting with the MTP module")
+    p.add_argument("--attention", choices=ATTENTION, default="absorb",
+                   help="absorb: the latent cache and dskernels.mla; naive: per-head K and V cached (the baseline)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="launch every decode step eagerly")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     if a.deepseek:
@@ -263,11 +384,12 @@ def main(argv=None):
         model = Transformer(preset(a.preset, backend=backend_for(a.device))).to(a.device).eval()
     prompts = a.prompt or ["def "]
     ids = [data.encode(t).tolist() for t in prompts]
+    gen = Generator(model, attention=a.attention, cuda_graph=False if a.no_cuda_graph else None)
     if a.speculative:
-        outs, rate = Generator(model).generate_speculative(ids, a.max_new_tokens)
+        outs, rate = gen.generate_speculative(ids, a.max_new_tokens)
         print(f"MTP drafts accepted: {rate:.1%}", file=sys.stderr)
     else:
-        outs = Generator(model).generate(ids, a.max_new_tokens, a.temperature, a.top_p, a.seed)
+        outs = gen.generate(ids, a.max_new_tokens, a.temperature, a.top_p, a.seed)
     for text, new in zip(prompts, outs):
         print(text + data.decode(new), file=sys.stdout)
         print("-" * 40)

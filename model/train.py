@@ -12,6 +12,7 @@ Data parallel: torchrun --nproc_per_node N -m model.train ... (DDP over gloo on 
 global batch is split over the ranks.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,6 +37,8 @@ class TrainConfig:
     precision: str = "bf16"
     steps: int = 300
     batch_size: int = 16          # sequences per step (global, over all ranks)
+    micro_batches: int = 1        # each rank's share run in this many forward/backward passes (the gradients
+                                  # summed before the step: the same step in less activation memory)
     seq_len: int = 128
     lr: float = 3e-3
     warmup: int = 30
@@ -101,8 +104,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train(cfg: TrainConfig):
-    """Runs cfg.steps optimizer steps (from the checkpoint's when resuming); returns (model, log records)."""
+def train(cfg: TrainConfig, on_step=None):
+    """Runs cfg.steps optimizer steps (from the checkpoint's when resuming); returns (model, log records).
+    on_step(record), when given, is called after each step (a profiler's step marker, say)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = pick_device(cfg.device)
     if distributed and not dist.is_initialized():
@@ -113,13 +117,17 @@ def train(cfg: TrainConfig):
         torch.cuda.set_device(device)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size must be a multiple of the {world} ranks, got {cfg.batch_size}")
+    if cfg.micro_batches < 1 or (cfg.batch_size // world) % cfg.micro_batches:
+        raise ValueError(f"micro_batches must divide each rank's {cfg.batch_size // world} sequences, got "
+                         f"{cfg.micro_batches}")
     base = preset(cfg.preset)  # (raises naming the presets)
     args = preset(cfg.preset, precision=cfg.precision, max_seq_len=max(base.max_seq_len, cfg.seq_len),
                   backend=backend_for(device))
     gamma = args.bias_update_speed if cfg.gamma is None else cfg.gamma
 
     torch.manual_seed(cfg.seed)
-    model = Transformer(args).to(device)
+    with device:  # the parameters made and initialized where they live (the bench preset's 4.7 B too)
+        model = Transformer(args)
     net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if distributed else model
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("embed")]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith("embed"))]
@@ -143,12 +151,10 @@ def train(cfg: TrainConfig):
         tokens = data.batch(corpus, step, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world).to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        loss, parts = net(tokens, return_loss=True)  # (through DDP's forward: its hooks reduce the gradients)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, parts, counts = forward_backward(net, model, tokens, cfg.micro_batches, distributed)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        counts = model.expert_counts()
         if distributed:
             dist.all_reduce(counts)  # every rank's bias must move alike
         model.update_bias(counts, gamma)
@@ -162,6 +168,8 @@ def train(cfg: TrainConfig):
         record["tokens_per_s"] = cfg.batch_size * cfg.seq_len / dt
         record["mfu"] = record["tokens_per_s"] * per_token / (peak * 1e12) if peak else None
         log.append(record)
+        if on_step is not None:
+            on_step(record)
         mfu = f" mfu {record['mfu']:.1%}" if peak else ""
         progress.show(step + 1, f"loss {record['loss']:.3f} tok/s {record['tokens_per_s']:.0f}{mfu} "
                                 f"load max/mean {balance:.2f}", cfg.log_every)
@@ -173,6 +181,24 @@ def train(cfg: TrainConfig):
         with open(os.path.join(cfg.out_dir, "log.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in log)
     return model, log
+
+
+def forward_backward(net, model, tokens, micro_batches, distributed):
+    """The step's loss and its gradients, over tokens [b, S + 1] in micro_batches equal passes (each one's
+    loss scaled by 1 / micro_batches, so the gradients are the whole batch's mean; DDP reduces them in
+    the last pass only) -> (loss, its parts, the expert loads summed over the passes), detached."""
+    total, parts, counts = 0.0, {}, None
+    chunks = tokens.chunk(micro_batches)
+    for i, chunk in enumerate(chunks):
+        sync = contextlib.nullcontext() if not distributed or i + 1 == len(chunks) else net.no_sync()
+        with sync:
+            loss, p = net(chunk, return_loss=True)  # (through DDP's forward: its hooks reduce the gradients)
+            (loss / len(chunks)).backward()
+        total = total + loss.detach() / len(chunks)
+        parts = {k: parts.get(k, 0.0) + v / len(chunks) for k, v in p.items()}
+        c = model.expert_counts()
+        counts = c if counts is None else counts + c
+    return total, parts, counts
 
 
 def save(path, model, opt, step, log, cfg):
