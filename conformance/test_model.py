@@ -219,6 +219,24 @@ def test_absorbed_decode_reproduces_the_full_forward(dense, precision, attention
     assert sure_total and agree >= sure_total - (0 if dense else 1), (agree, sure_total)
 
 
+def test_bf16_weights_keep_the_logits_bit_for_bit():
+    """Serving's one-time cast of every GEMM weight to bf16 (the BF16 model rounds its fp32 masters in
+    every call to the same values): the same logits and loss, the norms and the gate kept in fp32."""
+    from model.generate import bf16_weights
+    torch.manual_seed(19)
+    model = Transformer(preset("tiny", backend=BACKEND)).to(DEVICE).eval()
+    tokens = data.batch(data.split(data.corpus(), "train"), 1, 2, 30, seed=20).to(DEVICE)
+    with torch.no_grad():
+        want, want_loss = model(tokens), model.loss(tokens)[0]
+        bf16_weights(model)
+        assert torch.equal(model(tokens), want) and torch.equal(model.loss(tokens)[0], want_loss)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["layers.1.ffn.w13"] == dtypes["layers.0.attn.wkv_b.weight"] == torch.bfloat16
+    assert dtypes["layers.1.ffn.gate.weight"] == dtypes["layers.0.attn_norm.weight"] == torch.float32
+    with pytest.raises(ValueError, match="precision must be 'bf16'"):
+        bf16_weights(Transformer(preset("tiny", precision="fp8", backend=BACKEND)))
+
+
 def test_generation_samples_and_refuses_too_long_requests():
     from model.generate import Generator, sample
     torch.manual_seed(15)
