@@ -384,3 +384,42 @@ def test_bad_input_raises():
           m_indices)
     with pytest.raises(ValueError, match="backend='cuda' cannot run m_grouped_fp8_gemm"):
         f(a, sa, b, sb, m_indices, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BF16_BACKENDS)
+def test_bf16_operands_by_their_strides(backend):
+    """The BF16 grouped GEMMs read transposed and sliced views as they are (the MoE backward's w^T, dy^T,
+    x^T, no copies): the bits of the same call on contiguous copies, contiguous, masked and k-grouped. FP8
+    operands must stay K-major."""
+    counts = [70, 0, 130, 5]
+    G = len(counts)
+    m_indices = contiguous_layout(counts)
+    M = m_indices.shape[0]
+    a = random_input((M, K), torch.bfloat16, seed=41)
+    w = random_input((G, K, N), torch.bfloat16, seed=42, outliers=False)  # b = w^T: [G, N, K], K strided
+    b = w.transpose(1, 2)
+    got = dskernels.m_grouped_bf16_gemm_nt_contiguous(a, b, m_indices, backend=backend)
+    want = dskernels.m_grouped_bf16_gemm_nt_contiguous(a, b.contiguous(), m_indices, backend=backend)
+    rows = m_indices != -1
+    assert torch.equal(got[rows], want[rows])
+    wide = random_input((G, 50, 2 * K), torch.bfloat16, seed=43)
+    a3 = wide[:, :, ::2]  # every other column: strides (100 K, 2 K, 2)
+    masked_m = torch.tensor([50, 0, 17, 1], dtype=torch.int32, device=DEVICE)
+    got = dskernels.m_grouped_bf16_gemm_nt_masked(a3, b, masked_m, 20, backend=backend)
+    want = dskernels.m_grouped_bf16_gemm_nt_masked(a3.contiguous(), b.contiguous(), masked_m, 20, backend=backend)
+    for g, n in enumerate(masked_m.tolist()):
+        assert torch.equal(got[g, :n], want[g, :n]), g
+    sizes = [256, 0, 128]
+    T = sum(sizes)
+    k_offsets = torch.tensor([0, 256, 256, 384], dtype=torch.int32, device=DEVICE)
+    dy, x = random_input((T, 96), torch.bfloat16, seed=44), random_input((T, 160), torch.bfloat16, seed=45)
+    out = torch.empty(G - 1, 96, 160, device=DEVICE)
+    got = dskernels.k_grouped_bf16_gemm_nt_contiguous(dy.t(), x.t(), k_offsets, out.clone(), accumulate=False,
+                                                      backend=backend)
+    want = dskernels.k_grouped_bf16_gemm_nt_contiguous(dy.t().contiguous(), x.t().contiguous(), k_offsets,
+                                                       out.clone(), accumulate=False, backend=backend)
+    assert torch.equal(got, want)
+    (q, s), (bq, bs) = fp8_rows((M, K), seed=46), fp8_experts(G, seed=47)
+    with pytest.raises(ValueError, match="b must be contiguous"):
+        dskernels.m_grouped_fp8_gemm_nt_contiguous(q, s, bq.transpose(1, 2).contiguous().transpose(1, 2), bs,
+                                                   m_indices, backend=backend)

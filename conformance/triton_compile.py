@@ -42,7 +42,8 @@ def kernels():
                    {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     grouped_sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "out_ptr": "*bf16", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
                    "rows_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "G": "i32",
-                   "stride_sa_g": "i32", "stride_sa_m": "i32", "stride_sa_k": "i32"}
+                   "stride_sa_g": "i32", "stride_sa_m": "i32", "stride_sa_k": "i32", "stride_ag": "i32",
+                   "stride_am": "i32", "stride_ak": "i32", "stride_bg": "i32", "stride_bn": "i32", "stride_bk": "i32"}
     bf16_sig = {**grouped_sig, "a_ptr": "*bf16", "b_ptr": "*bf16", "sa_ptr": "*bf16", "sb_ptr": "*bf16"}
     def split(cfg):  # a grouped config: (constexprs, compile options)
         return ({k: v for k, v in cfg.items() if k.isupper()}, {k: v for k, v in cfg.items() if not k.isupper()})
@@ -55,7 +56,8 @@ def kernels():
                        {"FP8": fp8, "MASKED": masked, "BLOCK_K": 128 if fp8 else 64, "EMULATE": False, **meta}, opts)
     k_sig = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "out_ptr": "*fp32", "sa_ptr": "*fp32", "sb_ptr": "*fp32",
              "off_ptr": "*i32", "M": "i32", "N": "i32", "K_TOTAL": "i32", "stride_sa_m": "i32",
-             "stride_sa_k": "i32", "stride_sb_n": "i32", "stride_sb_k": "i32"}
+             "stride_sa_k": "i32", "stride_sb_n": "i32", "stride_sb_k": "i32", "stride_am": "i32", "stride_ak": "i32",
+             "stride_bn": "i32", "stride_bk": "i32"}
     for cfg in tgg.CONFIGS:
         meta, opts = split(cfg)
         yield (f"fp8_gemm_k_grouped({cfg})", tgg._k_grouped_kernel, k_sig,

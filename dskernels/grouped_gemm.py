@@ -100,8 +100,9 @@ def _check(op, a, a_scale, b, b_scale, rows, rows_name, out, masked, backend):
     names = ("a", "a_scale", "b", "b_scale", rows_name, "out")
     a, a_scale, b, b_scale, rows, out = (None if t is None else _backend.as_tensor(n, t)
                                          for n, t in zip(names, (a, a_scale, b, b_scale, rows, out)))
-    check_tensor("a", a, dtypes=(dtype,), ndim=3 if masked else 2, nonempty=False)
-    check_tensor("b", b, dtypes=(dtype,), ndim=3, device=a.device)
+    # (BF16 operands by their strides, transposed views too; FP8's K-major, as wgmma reads e4m3)
+    check_tensor("a", a, dtypes=(dtype,), ndim=3 if masked else 2, nonempty=False, contiguous=fp8)
+    check_tensor("b", b, dtypes=(dtype,), ndim=3, device=a.device, contiguous=fp8)
     G, N, K = b.shape
     if a.shape[-1] != K:
         raise ValueError(f"a must have K = {K} columns like b (b is [G, N, K]: out = a @ b[e].T), got shape "
@@ -155,12 +156,13 @@ def m_grouped_fp8_gemm_nt_masked(a, a_scale, b, b_scale, masked_m, expected_m: i
 
 
 def m_grouped_bf16_gemm_nt_contiguous(a, b, m_indices, *, out=None, backend: str = "auto"):
-    """The bf16 form of m_grouped_fp8_gemm_nt_contiguous: a [M_total, K], b [G, N, K] bf16, any K."""
+    """The bf16 form of m_grouped_fp8_gemm_nt_contiguous: a [M_total, K], b [G, N, K] bf16, any K, any
+    strides (b = w.transpose(1, 2) multiplies by w [G, K, N] without a copy)."""
     return _run("m_grouped_bf16_gemm", a, None, b, None, m_indices, "m_indices", out, False, 0, backend)
 
 
 def m_grouped_bf16_gemm_nt_masked(a, b, masked_m, expected_m: int, *, out=None, backend: str = "auto"):
-    """The bf16 form of m_grouped_fp8_gemm_nt_masked: a [G, M_max, K], b [G, N, K] bf16, any K."""
+    """The bf16 form of m_grouped_fp8_gemm_nt_masked: a [G, M_max, K], b [G, N, K] bf16, any K, any strides."""
     return _run("m_grouped_bf16_gemm", a, None, b, None, masked_m, "masked_m", out, True, _hint(expected_m),
                 backend)
 
@@ -203,11 +205,11 @@ def _run_k_grouped(op, a, a_scale, b, b_scale, k_offsets, out, accumulate, backe
     names = ("a", "a_scale", "b", "b_scale", "k_offsets", "out")
     a, a_scale, b, b_scale, k_offsets, out = (None if t is None else _backend.as_tensor(n, t) for n, t in
                                               zip(names, (a, a_scale, b, b_scale, k_offsets, out)))
-    check_tensor("a", a, dtypes=(dtype,), ndim=2, nonempty=False)
+    check_tensor("a", a, dtypes=(dtype,), ndim=2, nonempty=False, contiguous=fp8)
     M, K_total = a.shape
     if K_total % 128:
         raise ValueError(f"a's K_total (the tokens) must be a multiple of 128 (every segment is), got {K_total}")
-    check_tensor("b", b, dtypes=(dtype,), ndim=2, device=a.device, nonempty=False)
+    check_tensor("b", b, dtypes=(dtype,), ndim=2, device=a.device, nonempty=False, contiguous=fp8)
     if b.shape[1] != K_total:
         raise ValueError(f"b must have K_total = {K_total} columns like a (out[g] = a[:, seg] @ b[:, seg].T), got "
                          f"shape {tuple(b.shape)}")
@@ -238,6 +240,7 @@ def k_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, k_offsets, out, *, 
 
 
 def k_grouped_bf16_gemm_nt_contiguous(a, b, k_offsets, out, *, accumulate: bool = True, backend: str = "auto"):
-    """The bf16 form of k_grouped_fp8_gemm_nt_contiguous: a [M, K_total] and b [N, K_total] bf16 (the
-    operands transposed, tokens contiguous), fp32 sums; the same segment rule. Returns out."""
+    """The bf16 form of k_grouped_fp8_gemm_nt_contiguous: a [M, K_total] and b [N, K_total] bf16, any
+    strides (dy.t() and x.t() of token-major rows, without a copy), fp32 sums; the same segment rule.
+    Returns out."""
     return _run_k_grouped("k_grouped_bf16_gemm", a, None, b, None, k_offsets, out, accumulate, backend)

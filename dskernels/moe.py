@@ -509,15 +509,14 @@ class _Experts(torch.autograd.Function):
             xtq, xts = per_token_group_quant_transposed(x_rows, backend=b)
             gg.k_grouped_fp8_gemm_nt_contiguous(dhtq, dhts, xtq, xts, k_offsets, dw13, accumulate=False, backend=b)
         else:
-            w13t = w13.to(torch.bfloat16).transpose(1, 2).contiguous()
-            w2t = w2.to(torch.bfloat16).transpose(1, 2).contiguous()
+            # (the BF16 grouped GEMMs read the transposed operands by their strides: no copies)
+            w13t = w13.to(torch.bfloat16).transpose(1, 2)
+            w2t = w2.to(torch.bfloat16).transpose(1, 2)
             d_act = _expert_gemm(dy, None, w2t, None, layout, b)
-            gg.k_grouped_bf16_gemm_nt_contiguous(dy.t().contiguous(), act.t().contiguous(), k_offsets, dw2,
-                                                 accumulate=False, backend=b)
+            gg.k_grouped_bf16_gemm_nt_contiguous(dy.t(), act.t(), k_offsets, dw2, accumulate=False, backend=b)
             dh = _run_swiglu_backward(h, d_act, token_of_row, _backend.resolve("moe_swiglu", b, h.device))
             dx_rows = _expert_gemm(dh, None, w13t, None, layout, b)
-            gg.k_grouped_bf16_gemm_nt_contiguous(dh.t().contiguous(), x_rows.t().contiguous(), k_offsets, dw13,
-                                                 accumulate=False, backend=b)
+            gg.k_grouped_bf16_gemm_nt_contiguous(dh.t(), x_rows.t(), k_offsets, dw13, accumulate=False, backend=b)
         combine_name = _backend.resolve("moe_combine", b, x.device)
         dx = _run_combine(dx_rows, layout.row_of_slot, None, combine_name)  # a permute's backward
         return dx.to(x.dtype), dw13.to(w13.dtype), dw2.to(w2.dtype), None, None, None, None, None

@@ -37,11 +37,13 @@ def _config(rows: int, fp8: bool) -> dict:
 
 @triton.jit
 def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, rows_ptr, M, N, K, G,
-                         stride_sa_g, stride_sa_m, stride_sa_k, FP8: tl.constexpr, MASKED: tl.constexpr,
+                         stride_sa_g, stride_sa_m, stride_sa_k, stride_ag, stride_am, stride_ak, stride_bg, stride_bn,
+                         stride_bk, FP8: tl.constexpr, MASKED: tl.constexpr,
                          BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
                          EMULATE: tl.constexpr):
     # M: rows of the problem (contiguous: M_total; masked: M_max per expert). BLOCK_K: 128 for FP8 (one
-    # scale block), 64 for BF16 (shared memory).
+    # scale block), 64 for BF16 (shared memory). a and b by their strides (BF16: transposed views too;
+    # FP8's are K-major), out contiguous.
     pid = tl.program_id(0)
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     g = 0
@@ -60,7 +62,8 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, rows_ptr, M, N, 
         row_ok = rm < valid
         bad = rm < 0  # (none)
         e = g
-        row_base = g.to(tl.int64) * M  # a [G, M, K], out [G, M, N]
+        row_base = g.to(tl.int64) * M  # out [G, M, N]
+        a_base = g.to(tl.int64) * stride_ag
         sa_base = g.to(tl.int64) * stride_sa_g  # a_scale [G, M, Kb]
     else:
         seg = (pid_m * BLOCK_M) // ALIGNMENT * ALIGNMENT + tl.arange(0, ALIGNMENT)
@@ -76,11 +79,13 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, rows_ptr, M, N, 
                          mask=bad[:, None] & n_ok[None, :])
             return
         row_base = 0
+        a_base = 0
         sa_base = 0
     rows = row_base + rm.to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows[:, None] * K + rk[None, :]
-    b_ptrs = b_ptr + e.to(tl.int64) * N * K + rn[None, :].to(tl.int64) * K + rk[:, None]  # [BLOCK_K, BLOCK_N]
+    a_ptrs = a_ptr + a_base + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
+    b_ptrs = (b_ptr + e.to(tl.int64) * stride_bg + rn[None, :].to(tl.int64) * stride_bn
+              + rk[:, None] * stride_bk)  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FP8:
         kb_count = K // BLOCK_K
@@ -92,16 +97,16 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, rows_ptr, M, N, 
             sa = tl.load(sa_ptrs + kb * stride_sa_k, mask=row_ok, other=0.0)
             sb = tl.load(sb_ptrs + kb, mask=n_ok, other=0.0)
             acc += tl.dot(a, b) * sa[:, None] * sb[None, :]  # <= 128 K-elements, then promoted
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
     else:
         for k0 in range(0, K, BLOCK_K):
             k_ok = (k0 + rk) < K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
             acc += dot_bf16(a, b, EMULATE)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
 
     out_ptrs = out_ptr + rows[:, None] * N + rn[None, :]
     acc = tl.where(bad[:, None], float("nan"), acc)
@@ -109,9 +114,9 @@ def _grouped_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, rows_ptr, M, N, 
 
 
 def grouped_gemm(a, a_scale, b, b_scale, rows, out, masked, hint_m):
-    """Fills out (bf16): contiguous (rows = m_indices [M_total]) or masked (rows = masked_m [G]); FP8 when
-    a_scale is given (a_scale [rows, K/128] or [G, M_max, K/128], any strides; b_scale [G, ceil(N/128),
-    K/128] contiguous), else BF16. Arguments checked."""
+    """Fills out (bf16, contiguous): contiguous (rows = m_indices [M_total]) or masked (rows = masked_m
+    [G]); FP8 when a_scale is given (a_scale [rows, K/128] or [G, M_max, K/128], any strides; b_scale [G,
+    ceil(N/128), K/128] contiguous), else BF16; a and b with any strides. Arguments checked."""
     G, N, K = b.shape
     M = a.shape[1] if masked else a.shape[0]
     fp8 = a_scale is not None
@@ -124,19 +129,21 @@ def grouped_gemm(a, a_scale, b, b_scale, rows, out, masked, hint_m):
 
     cfg = _config(hint_m if masked else M // G, fp8)
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    a_strides = a.stride() if masked else (0, *a.stride())
     _grouped_gemm_kernel[(tiles * G if masked else tiles,)](
-        a, b, out, a_scale, b_scale, rows, M, N, K, G, *strides, FP8=fp8, MASKED=masked,
+        a, b, out, a_scale, b_scale, rows, M, N, K, G, *strides, *a_strides, *b.stride(), FP8=fp8, MASKED=masked,
         BLOCK_K=128 if fp8 else 64, EMULATE=EMULATE_CASTS, **cfg)
 
 
 @triton.jit
 def _k_grouped_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, off_ptr, M, N, K_TOTAL, stride_sa_m,
-                      stride_sa_k, stride_sb_n, stride_sb_k, ACCUMULATE: tl.constexpr, FP8: tl.constexpr,
+                      stride_sa_k, stride_sb_n, stride_sb_k, stride_am, stride_ak, stride_bn, stride_bk,
+                      ACCUMULATE: tl.constexpr, FP8: tl.constexpr,
                       BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
                       EMULATE: tl.constexpr):
     # Program (g, tile): out[g] tile (+)= a[:, seg] @ b[:, seg].T over group g's 128-aligned token segment:
     # FP8 operands with 1 x 128 scales along the reduction (1D1D), promoted every 128 (BLOCK_K 128), or
-    # BF16 ones summed in fp32 (BLOCK_K 64).
+    # BF16 ones summed in fp32 (BLOCK_K 64); a and b by their strides (BF16: transposed views too).
     grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
     g = pid // (grid_m * grid_n)
@@ -151,8 +158,8 @@ def _k_grouped_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, off_ptr, M, N, K_TO
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     blocks = tl.where(broken, 0, (end - start) // BLOCK_K)  # a broken segment reads nothing
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * K_TOTAL + start + rk[None, :]
-    b_ptrs = b_ptr + rn[None, :].to(tl.int64) * K_TOTAL + start + rk[:, None]  # [BLOCK_K, BLOCK_N]
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + (start + rk[None, :]).to(tl.int64) * stride_ak
+    b_ptrs = b_ptr + rn[None, :].to(tl.int64) * stride_bn + (start + rk[:, None]).to(tl.int64) * stride_bk
     sa_ptrs = sa_ptr + rm * stride_sa_m + (start // 128) * stride_sa_k
     sb_ptrs = sb_ptr + rn * stride_sb_n + (start // 128) * stride_sb_k
     for kb in range(0, blocks):
@@ -164,8 +171,8 @@ def _k_grouped_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, off_ptr, M, N, K_TO
             acc += tl.dot(a, b) * sa[:, None] * sb[None, :]
         else:
             acc += dot_bf16(a, b, EMULATE)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
     out_ptrs = out_ptr + g.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
     mask = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
@@ -183,5 +190,5 @@ def k_grouped_gemm(a, a_scale, b, b_scale, k_offsets, out, accumulate):
     grid = (G * triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     sa, sb = (a_scale, b_scale) if fp8 else (a, b)  # (unused)
     _k_grouped_kernel[grid](a, b, out, sa, sb, k_offsets, M, N, a.shape[1], sa.stride(0), sa.stride(1), sb.stride(0),
-                            sb.stride(1), ACCUMULATE=accumulate, FP8=fp8, BLOCK_K=128 if fp8 else 64,
+                            sb.stride(1), *a.stride(), *b.stride(), ACCUMULATE=accumulate, FP8=fp8, BLOCK_K=128 if fp8 else 64,
                             EMULATE=EMULATE_CASTS, **cfg)
