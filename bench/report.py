@@ -34,7 +34,8 @@ def tables(data: dict) -> str:
              f"bf16 {ceil.get('bf16_TFLOPS', 0):.0f} TFLOPS, fp8 {ceil.get('fp8_TFLOPS', 0):.0f} TFLOPS", ""]
     by_op = defaultdict(list)
     for r in data["records"]:
-        by_op[r["op"]].append(r)
+        if r.get("kind") != "model":
+            by_op[r["op"]].append(r)
     for op, recs in by_op.items():
         peer = next((r["peer"] for r in recs if r.get("peer")), "-")
         others = sorted({k for r in recs for k in r if k.startswith("speedup_vs_") and k != "speedup_vs_peer"})
@@ -56,6 +57,34 @@ def tables(data: dict) -> str:
         lines.append("")
         lines += summary(recs)
     return "\n".join(lines)
+
+
+def model_tables(data: dict) -> str:
+    """The model's training steps (bench/test_model.py): a row per preset and precision, then each
+    preset's step time by kind of kernel."""
+    recs = sorted((r for r in data["records"] if r.get("op") == "model_train_step"),
+                  key=lambda r: (r["shape"]["tokens"], r["backend"]))
+    if not recs:
+        return ""
+    head = ["preset", "tokens/step", "precision", "step (ms)", "tokens/s", "MFU", "vs BF16", "GEMMs vs BF16",
+            "GEMM share (BF16)", "bound from the GEMMs"]
+    lines = ["**model_train_step**", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in recs:
+        get = r.get
+        lines.append("| " + " | ".join([
+            r["shape"]["preset"], str(r["shape"]["tokens"]), r["backend"], f"{r['step_ms']:.1f}",
+            f"{r['tokens_per_s']:,}", f"{100 * r['mfu']:.1f}%", ratio(get("speedup_vs_bf16")), ratio(get("gemm_speedup")),
+            "-" if get("gemm_share_of_bf16_step") is None else f"{100 * r['gemm_share_of_bf16_step']:.0f}%",
+            ratio(get("speedup_bound_from_gemms"))]) + " |")
+    kinds = list(recs[0]["breakdown_ms"])
+    cols = [f"{r['shape']['preset']} {r['backend']}" for r in recs]
+    lines += ["", "GPU time per step by kind of kernel (ms; profiled steps):", "",
+              "| kind | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for k in kinds + ["(all kernels)", "(step, wall clock)"]:
+        vals = [r["gpu_ms"] if k == "(all kernels)" else r["step_ms"] if k.startswith("(step") else
+                r["breakdown_ms"].get(k, 0.0) for r in recs]
+        lines.append(f"| {k} | " + " | ".join(f"{v:.1f}" for v in vals) + " |")
+    return "\n".join(lines + [""])
 
 
 def summary(recs) -> list:
@@ -80,4 +109,6 @@ def summary(recs) -> list:
 if __name__ == "__main__":
     for path in sys.argv[1:]:
         with open(path) as f:
-            print(tables(json.load(f)))
+            data = json.load(f)
+            print(tables(data))
+            print(model_tables(data))
