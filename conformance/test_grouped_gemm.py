@@ -389,8 +389,15 @@ def test_bad_input_raises():
 @pytest.mark.parametrize("backend", BF16_BACKENDS)
 def test_bf16_operands_by_their_strides(backend):
     """The BF16 grouped GEMMs read transposed and sliced views as they are (the MoE backward's w^T, dy^T,
-    x^T, no copies): the bits of the same call on contiguous copies, contiguous, masked and k-grouped. FP8
-    operands must stay K-major."""
+    x^T, no copies): the Triton kernels give the bits of the same call on contiguous copies (contiguous,
+    masked and k-grouped); the reference, torch's matmul, may take another kernel for a transposed operand
+    on a GPU (cuBLAS: measured on the H200), so there within one bf16 rounding (fp32 for k-grouped) of it.
+    FP8 operands must stay K-major."""
+    def same(got, want):
+        if backend != "reference" or not want.numel():
+            return torch.equal(got, want)
+        eps = 2.0 ** -7 if got.dtype == torch.bfloat16 else 2.0 ** -20
+        return bool(((got.float() - want.float()).abs() <= eps * want.float().abs().max()).all())
     counts = [70, 0, 130, 5]
     G = len(counts)
     m_indices = contiguous_layout(counts)
@@ -401,14 +408,14 @@ def test_bf16_operands_by_their_strides(backend):
     got = dskernels.m_grouped_bf16_gemm_nt_contiguous(a, b, m_indices, backend=backend)
     want = dskernels.m_grouped_bf16_gemm_nt_contiguous(a, b.contiguous(), m_indices, backend=backend)
     rows = m_indices != -1
-    assert torch.equal(got[rows], want[rows])
+    assert same(got[rows], want[rows])
     wide = random_input((G, 50, 2 * K), torch.bfloat16, seed=43)
     a3 = wide[:, :, ::2]  # every other column: strides (100 K, 2 K, 2)
     masked_m = torch.tensor([50, 0, 17, 1], dtype=torch.int32, device=DEVICE)
     got = dskernels.m_grouped_bf16_gemm_nt_masked(a3, b, masked_m, 20, backend=backend)
     want = dskernels.m_grouped_bf16_gemm_nt_masked(a3.contiguous(), b.contiguous(), masked_m, 20, backend=backend)
     for g, n in enumerate(masked_m.tolist()):
-        assert torch.equal(got[g, :n], want[g, :n]), g
+        assert same(got[g, :n], want[g, :n]), g
     sizes = [256, 0, 128]
     T = sum(sizes)
     k_offsets = torch.tensor([0, 256, 256, 384], dtype=torch.int32, device=DEVICE)
@@ -418,7 +425,7 @@ def test_bf16_operands_by_their_strides(backend):
                                                       backend=backend)
     want = dskernels.k_grouped_bf16_gemm_nt_contiguous(dy.t().contiguous(), x.t().contiguous(), k_offsets,
                                                        out.clone(), accumulate=False, backend=backend)
-    assert torch.equal(got, want)
+    assert same(got, want)
     (q, s), (bq, bs) = fp8_rows((M, K), seed=46), fp8_experts(G, seed=47)
     with pytest.raises(ValueError, match="b must be contiguous"):
         dskernels.m_grouped_fp8_gemm_nt_contiguous(q, s, bq.transpose(1, 2).contiguous().transpose(1, 2), bs,
