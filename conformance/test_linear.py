@@ -161,7 +161,7 @@ def test_weight_updated_in_place_is_quantized_again(backend, monkeypatch):
     with torch.no_grad():
         layer.weight.mul_(2)
     assert torch.equal(layer(x).detach(), 2 * y1), "the in-place update was not picked up"
-    # (the fused and foreach optimizers write the parameters without advancing their version counters)
+    # (fused AdamW writes the parameters without advancing their version counters; SGD and foreach do)
     for opt in (torch.optim.SGD(layer.parameters(), lr=0.1), torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True),
                 torch.optim.AdamW(layer.parameters(), lr=0.1, foreach=True)):
         layer(x).square().mean().backward()

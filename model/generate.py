@@ -70,7 +70,9 @@ class Generator:
     """Prefill and absorbed decode for a Transformer (its weights as they are: make a new one after
     training), greedy speculative decoding with its MTP module. attention: "absorb" (the latent cache and
     dskernels.mla) or "naive" (per-head K and V cached, the baseline); cuda_graph: replay each decode step
-    as a CUDA graph (default: on a GPU)."""
+    as a CUDA graph (default: on a GPU). An FP8 model's captured step quantizes its weights inside the
+    graph on every replay (FP8Linear and MoE do not serve their caches to a capture), which a BF16 model
+    (bf16_weights) does not pay."""
 
     def __init__(self, model: Transformer, attention: str = "absorb", cuda_graph: bool | None = None):
         if attention not in ATTENTION:
@@ -185,6 +187,7 @@ class Generator:
         masked layouts; the s tokens of sequence b sit at positions before[b] ..."""
         m, s = self.model, h.shape[1]
         positions = (before[:, None] + torch.arange(s, device=before.device)).long()     # [B, s]
+        positions = positions.clamp(max=m.rope_cos.shape[0] - 1)  # (only a finished speculative sequence passes it)
         cos, sin = m.rope_cos[positions], m.rope_sin[positions]                         # [B, s, rope / 2]
         if self.attention == "absorb":
             md = mla.get_mla_metadata(before + s, cache.block_table, cache.num_pages, s, self.args.n_heads,
@@ -242,7 +245,10 @@ class Generator:
         if prompts and min(len(p) for p in prompts) < 2:
             raise ValueError("speculative decoding needs prompts of at least 2 tokens")
         device = self.model.rope_cos.device
-        cache = self._cache(prompts, max_new_tokens + 2)
+        # A sequence that keeps accepting runs ahead of the slowest one (up to two tokens a step) while the
+        # batch steps on: its cache holds the worst case, 2 * max_new_tokens + 2 rows past the prompt;
+        # max_seq_len bounds what is returned (positions past it, on tokens then dropped, rotate as its last).
+        cache = self._cache(prompts, max_new_tokens + 2, rows=2 * max_new_tokens + 2)
         logits, hidden = self.prefill(cache, prompts, mtp=True)
         t = logits.argmax(dim=-1)                                     # token n, committed, not yet fed
         state = {"hidden": hidden, "t": t, "prev": torch.tensor([p[-1] for p in prompts], device=device),  # n - 1
@@ -276,14 +282,16 @@ class Generator:
         prev.copy_(torch.where(ok, d, t))
         t.copy_(torch.where(ok, nxt, a))
 
-    def _cache(self, prompts, extra):
+    def _cache(self, prompts, extra, rows=None):
+        """A cache for the prompts and `extra` tokens past the longest (rows: allocate that many instead)."""
         if not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("prompts must be a non-empty list of non-empty token lists")
         longest = max(len(p) for p in prompts) + extra
         if longest > self.args.max_seq_len:
             raise ValueError(f"prompt + max_new_tokens must be at most max_seq_len = {self.args.max_seq_len}, "
                              f"got {longest}")
-        return PagedCache(self.model, len(prompts), longest, self.model.rope_cos.device, self.attention)
+        size = max(len(p) for p in prompts) + (extra if rows is None else rows)
+        return PagedCache(self.model, len(prompts), size, self.model.rope_cos.device, self.attention)
 
     def generate(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
         """B prompts (lists of token ids) -> B lists of max_new_tokens new ids; temperature 0 is greedy."""
@@ -314,9 +322,10 @@ class Graphed:
         if not self.enabled or self.calls == 1:
             return self.fn()
         if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
                 self.out = self.fn()
+            self.graph = graph  # (only once captured whole: a capture that raised is not replayed)
         self.graph.replay()
         return self.out
 

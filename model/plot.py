@@ -16,7 +16,7 @@ def curves(path: str) -> dict:
     if path.endswith(".jsonl"):
         with open(path) as f:
             losses = [json.loads(line)["main"] for line in f if line.strip()]
-        return {os.path.basename(os.path.dirname(os.path.abspath(path))) or path: losses}
+        return {os.path.basename(os.path.dirname(os.path.abspath(path))) or path: losses}  # (runs/NAME/log.jsonl)
     with open(path) as f:
         data = json.load(f)
     if "curves" not in data:
@@ -74,7 +74,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     runs = {}
     for path in a.inputs:
-        runs.update(curves(path))
+        for label, losses in curves(path).items():
+            runs[label if label not in runs else f"{label} ({path})"] = losses
     plot(runs, a.out, a.smooth, a.title)
     print(f"wrote {a.out}")
 

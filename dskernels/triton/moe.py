@@ -5,8 +5,9 @@ groups, then the experts, by repeated max (ties to the lower index), counting ea
 atomics: the same counts in any order). The weights are left to PyTorch ops on the chosen affinities
 (dskernels.moe.route), so they are the reference's bits and autograd reaches the logits.
 layout: three launches with no host sync: per block of 128 slots its experts' counts (and the rows
-initialized to padding), one program scanning those counts (each block's offsets, each expert's segment
-start), per block each slot's row (its rank among the block's slots of its expert: tokens ascending).
+initialized to padding), one program per 16 experts scanning their counts over the blocks (each block's
+offsets, each expert's total), per block each slot's row (its expert's segment start, which every program
+works out from the totals, plus its rank among the block's slots of that expert: tokens ascending).
 
 permute: program r copies row r of the expert-sorted layout from its token (zeros for padding rows),
 optionally quantized on the way (1 x 128 groups, the bytes and scales of per_token_group_quant).
