@@ -135,7 +135,7 @@ class Generator:
         return attend
 
     def _naive_append(self, attn, kv, positions, batch, c, k_rope):
-        """The naive cache's rows at positions [b, s] of sequences `batch` (a slice index or [B, 1]): keys
+        """The naive cache's rows at positions [b, s] of sequences `batch` (an index, or [B, 1]): keys
         [k_nope | k_rope] and values from the latent c through wkv_b."""
         a = self.args
         k_nope, v = attn.wkv_b(c).view(*c.shape[:2], a.n_heads, -1).split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
