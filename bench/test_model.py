@@ -59,9 +59,9 @@ def profiled_train(cfg: TrainConfig, steps: int):
     kinds, other = {k: 0.0 for k, _ in KINDS}, []
     for event in prof.key_averages():
         if event.device_type == torch.autograd.DeviceType.CUDA and event.self_device_time_total > 0:
-            ms = event.self_device_time_total / 1e3 / PROFILED
-            kinds[kind_of(event.key)] += ms
-            if kind_of(event.key) == KINDS[-1][0]:
+            ms, kind = event.self_device_time_total / 1e3 / PROFILED, kind_of(event.key)
+            kinds[kind] += ms
+            if kind == KINDS[-1][0]:
                 other.append((event.key[:120], round(ms, 2)))
     return log, kinds, sorted(other, key=lambda t: -t[1])[:8]
 
@@ -125,10 +125,9 @@ def fill(cache: PagedCache, context: int):
     cache.mtp_seqlens.fill_(context - 2)
 
 
-def decode_setup(context: int, attention: str, B: int = 32):
-    """The bench model, a Generator (no graphs of its own: the timer captures) and a cache filled to
-    `context` -> (model, gen, cache, bytes a decode step reads: the weights, the cache)."""
-    model = bench_model(context)
+def decode_setup(model, context: int, attention: str, B: int = 32):
+    """A Generator of the bench model (no graphs of its own: the timer captures) and a cache filled to
+    `context` -> (gen, cache, bytes a decode step reads: the weights, the cache)."""
     a = model.args
     gen = Generator(model, attention=attention, cuda_graph=False)
     cache = PagedCache(model, B, context + 8, "cuda", attention)
@@ -137,7 +136,7 @@ def decode_setup(context: int, attention: str, B: int = 32):
                   if not n.startswith(("embed", "mtp")))
     per_token = a.n_heads * (a.qk_head_dim + a.v_head_dim) * 2 if attention == "naive" else \
         (a.kv_lora_rank + a.qk_rope_head_dim) * 2
-    return model, gen, cache, weights + B * context * a.n_layers * per_token
+    return gen, cache, weights + B * context * a.n_layers * per_token
 
 
 @pytest.mark.parametrize("context", [4096, 16384])
@@ -145,9 +144,9 @@ def test_decode_step(report, context):
     """One decode step at batch 32, absorbed against naive, the same context every call."""
     B = 32
     tokens = torch.randint(0, 256, (B,), device="cuda")
-    steps = {}
+    steps, model = {}, bench_model(context)
     for attention in ("naive", "absorb"):
-        _, gen, cache, moved = decode_setup(context, attention, B)
+        gen, cache, moved = decode_setup(model, context, attention, B)
 
         def step(gen=gen, cache=cache):
             cache.seqlens.fill_(context)
@@ -169,7 +168,8 @@ def test_decode_speculative_step(report, context):
     reports 85-90 % for its second token), so the record gives tokens/s at 85 % and the acceptance rate
     at which speculation breaks even."""
     B = 32
-    model, gen, cache, moved = decode_setup(context, "absorb", B)
+    model = bench_model(context)
+    gen, cache, moved = decode_setup(model, context, "absorb", B)
     tokens = torch.randint(0, 256, (B,), device="cuda")
     state = {"hidden": torch.randn(B, 2, model.args.dim, device="cuda"), "t": tokens.clone(), "prev": tokens.clone(),
              "emit": torch.zeros(B, 3, dtype=torch.long, device="cuda")}

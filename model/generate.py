@@ -85,8 +85,9 @@ class Generator:
         if cuda_graph and not on_gpu:
             raise ValueError("cuda_graph: the model is not on a GPU")
         self.cuda_graph = on_gpu if cuda_graph is None else cuda_graph
-        self.wkv_b = [self._absorbed_weight(layer.attn) for layer in model.layers]  # [H * 256, 512] each
-        self.mtp_wkv_b = self._absorbed_weight(model.mtp.block.attn) if model.mtp is not None else None
+        absorbed = self._absorbed_weight if attention == "absorb" else lambda attn: None  # (naive: unused)
+        self.wkv_b = [absorbed(layer.attn) for layer in model.layers]  # [H * 256, 512] each
+        self.mtp_wkv_b = absorbed(model.mtp.block.attn) if model.mtp is not None else None
 
     def _absorbed_weight(self, attn):
         """wkv_b in bf16 as the model's own forward applies it: the fp32 master rounded, or (FP8) its e4m3
@@ -275,8 +276,9 @@ class Generator:
         ok = a == d
         # accepted: n + 2 tokens committed; rejected: n + 1, the draft's row in the main cache dropped, and
         # the next draft writes the MTP module's rows n - 1 (again, from the same inputs) and n
-        cache.seqlens -= (~ok).int()
-        cache.mtp_seqlens -= (~ok).int()
+        rejected = (~ok).int()
+        cache.seqlens -= rejected
+        cache.mtp_seqlens -= rejected
         state["emit"].copy_(torch.stack([a, nxt, ok.long()], dim=1))
         hidden.copy_(torch.where(ok[:, None, None], h, torch.stack([hidden[:, 1], h[:, 0]], dim=1)))
         prev.copy_(torch.where(ok, d, t))
