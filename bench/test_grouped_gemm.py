@@ -10,7 +10,7 @@ import torch
 import dskernels
 from bench.harness import anchor_row, anchors
 
-BACKENDS = ["triton"]  # the CUDA kernels come later (the GEMM-family issue)
+BACKENDS = ["cuda", "triton"]
 ALIGN = 128
 
 
@@ -94,7 +94,7 @@ def test_masked(report, case, backend):
     M_max = -(-max(masked) // ALIGN) * ALIGN
     masked_m = torch.tensor(masked, dtype=torch.int32, device="cuda")
     x = torch.randn(G, M_max, K, dtype=torch.bfloat16, device="cuda")
-    a, sa = dskernels.per_token_group_quant(x.view(-1, K))
+    a, sa = dskernels.per_token_group_quant(x.view(-1, K), scale_layout="col")  # (as the MoE layer's permute)
     a, sa = a.view(G, M_max, K), sa.view(G, M_max, -1)
     w, b, sb = experts(G, N, K)
     valid = torch.cat([x[e, :n] for e, n in enumerate(masked)])
@@ -121,8 +121,8 @@ def test_k_grouped(report, case, backend):
     k_offsets = torch.tensor([0, *sizes.cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     dy = torch.randn(T, M, dtype=torch.bfloat16, device="cuda")
     x = torch.randn(T, N, dtype=torch.bfloat16, device="cuda")
-    a, sa = dskernels.per_token_group_quant_transposed(dy)
-    b, sb = dskernels.per_token_group_quant_transposed(x)
+    a, sa = dskernels.per_token_group_quant_transposed(dy, scale_layout="col")
+    b, sb = dskernels.per_token_group_quant_transposed(x, scale_layout="col")
     out = torch.zeros(G, M, N, dtype=torch.float32, device="cuda")
     report(op="k_grouped_fp8_gemm", backend=backend, shape={"G": G, "M": M, "N": N, "K_total": T},
            fn=lambda: dskernels.k_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, k_offsets, out, backend=backend),

@@ -32,8 +32,9 @@ WARM, PROFILED = 3, 2
 # Kernel kinds by name, first match wins (attention before the GEMMs: CUTLASS's fmha kernels say cutlass).
 KINDS = [
     ("attention core", r"flash|fmha|attention|cudnn|mla_"),
+    # (the CUDA grouped GEMMs are fp8_gemm_kernel<..., GemmLayout 1-3>; the dense one has layout 0)
+    ("grouped GEMM (experts)", r"_grouped_gemm_kernel|_k_grouped_kernel|GemmLayout\)[123]|GemmLayout::k[CMK]|GemmLayoutE[123]"),
     ("FP8 GEMM (dense)", r"fp8_gemm_kernel"),
-    ("grouped GEMM (experts)", r"_grouped_gemm_kernel|_k_grouped_kernel"),
     ("BF16 GEMM (cuBLAS)", r"gemm|nvjet|xmma|cutlass|sm90_|wgrad|dgrad"),
     ("routing, permute, combine", r"_route_kernel|_layout_|_permute_kernel|_combine"),
     ("FP8 quantization, SwiGLU", r"quant|_swiglu"),

@@ -31,7 +31,9 @@ if has selftest || has sanitize || has sweep; then
   echo "== CUDA self-tests (csrc/**/*_selftest.cu: each kernel against a naive kernel, many shapes)"
   srcs=$(find csrc -name '*_selftest.cu' | sort)
   for src in $srcs; do  # compile in parallel, run one at a time
-    (nvcc -std=c++17 -O3 -lineinfo -gencode=arch=compute_90a,code=sm_90a -Icsrc "${src%_selftest.cu}.cu" "$src" \
+    # (with every other source of its folder: csrc/gemm's kernels share the heuristics)
+    (nvcc -std=c++17 -O3 --expt-relaxed-constexpr -lineinfo -gencode=arch=compute_90a,code=sm_90a -Icsrc \
+       $(ls "$(dirname "$src")"/*.cu | grep -v _selftest.cu) "$src" \
        -o "/tmp/$(basename "$src" .cu)" >"/tmp/$(basename "$src" .cu).build.log" 2>&1) &
   done
   wait
@@ -90,6 +92,16 @@ if has sanitize; then
         /tmp/racecheck_probe $mode 2>&1 | grep -E "SUMMARY" | tr -s ' =' ' ')" >>/tmp/sanitize-probe.log
     done
   fi
+  # The grouped GEMMs' kernels, which the dense self-test does not launch: one small call of each layout
+  # from Python (ci/sanitize_grouped_gemm.py), memcheck and racecheck filtered to the GEMM kernels.
+  for tool in memcheck racecheck; do
+    timeout 240 compute-sanitizer --tool "$tool" --kernel-name kns=fp8_gemm_kernel --error-exitcode 9 \
+      --target-processes all python3 ci/sanitize_grouped_gemm.py >"/tmp/sanitize-grouped.$tool" 2>&1
+    rc=$?
+    echo "$tool grouped GEMMs (ci/sanitize_grouped_gemm.py): exit $rc:$(tail -4 "/tmp/sanitize-grouped.$tool" | \
+      grep -E "SUMMARY" | tr -s ' =' ' ')" >>/tmp/sanitize-probe.log
+    [ "$rc" -eq 0 ] || echo "$tool grouped GEMMs FAILED" >>/tmp/sanitize-failed
+  done
   wait
   cat /tmp/sanitize-*_selftest.log /tmp/sanitize-probe.log >"$out/sanitize.log"
   grep -E "^(memcheck|racecheck|synccheck|initcheck) |^racecheck (triage|probe)" "$out/sanitize.log"

@@ -10,14 +10,16 @@ from dskernels import backend
 
 FP8_OPS = ["per_token_group_quant", "per_token_group_quant_transposed", "per_token_group_quant_both", "per_block_quant", "dequant", "fp8_gemm"]
 # (capability, what "auto" picks for: the FP8 ops, mla_decode, the FP8-cache decode, get_mla_metadata,
-# append_to_cache, the FP8-cache append, the FP8 and the BF16 grouped GEMMs)
+# append_to_cache, the FP8-cache append, the FP8 grouped GEMMs, the BF16 grouped GEMMs, the FP8 MoE steps)
 GENERATIONS = [
-    ((8, 0), "reference", "triton", "reference", "reference", "triton", "reference", "reference", "triton"),  # A100
-    ((8, 6), "reference", "triton", "reference", "reference", "triton", "reference", "reference", "triton"),  # RTX 30xx
-    ((8, 9), "triton", "triton", "triton", "reference", "triton", "triton", "triton", "triton"),  # L4, RTX 40xx
-    ((9, 0), "cuda", "cuda", "triton", "cuda", "triton", "triton", "triton", "triton"),  # H100, H200
-    ((10, 0), "triton", "triton", "triton", "reference", "triton", "triton", "triton", "triton"),  # B200
-    ((12, 0), "triton", "triton", "triton", "reference", "triton", "triton", "triton", "triton"),  # RTX 50xx
+    ((8, 0), "reference", "triton", "reference", "reference", "triton", "reference", "reference", "triton",
+     "reference"),  # A100
+    ((8, 6), "reference", "triton", "reference", "reference", "triton", "reference", "reference", "triton",
+     "reference"),  # RTX 30xx
+    ((8, 9), "triton", "triton", "triton", "reference", "triton", "triton", "triton", "triton", "triton"),  # L4
+    ((9, 0), "cuda", "cuda", "triton", "cuda", "triton", "triton", "cuda", "triton", "triton"),  # H100, H200
+    ((10, 0), "triton", "triton", "triton", "reference", "triton", "triton", "triton", "triton", "triton"),  # B200
+    ((12, 0), "triton", "triton", "triton", "reference", "triton", "triton", "triton", "triton", "triton"),  # RTX 50
 ]
 
 
@@ -35,16 +37,17 @@ def fake_gpu(monkeypatch):
 
 @pytest.mark.parametrize("gen", GENERATIONS, ids=lambda g: f"sm_{g[0][0]}{g[0][1]}")
 def test_auto_picks_what_runs_on_each_generation(fake_gpu, gen):
-    cap, fp8, mla, mla_fp8, metadata, append, append_fp8, grouped_fp8, grouped_bf16 = gen
+    cap, fp8, mla, mla_fp8, metadata, append, append_fp8, grouped_fp8, grouped_bf16, moe_fp8 = gen
     device = fake_gpu(cap)
     picks = {op: backend.resolve(op, "auto", device) for op in backend.SUPPORT}
     want = {**{op: fp8 for op in FP8_OPS}, "mla_decode": mla, "mla_decode_fp8_cache": mla_fp8,
             "get_mla_metadata": metadata, "append_to_cache": append, "append_to_cache_fp8_cache": append_fp8,
-            "m_grouped_fp8_gemm": grouped_fp8, "m_grouped_bf16_gemm": grouped_bf16, "k_grouped_fp8_gemm": grouped_fp8,
+            "m_grouped_fp8_gemm": grouped_fp8, "m_grouped_bf16_gemm": grouped_bf16,
+            "k_grouped_fp8_gemm": "triton" if grouped_fp8 == "cuda" else grouped_fp8,  # (backend.AUTO_ORDER)
             "k_grouped_bf16_gemm": grouped_bf16,
             "moe_route": grouped_bf16, "moe_layout": grouped_bf16, "moe_permute": grouped_bf16,
-            "moe_permute_fp8": grouped_fp8, "moe_combine": grouped_bf16, "moe_swiglu": grouped_bf16,
-            "moe_swiglu_fp8": grouped_fp8}  # (the MoE steps: the grouped GEMMs' ranges)
+            "moe_permute_fp8": moe_fp8, "moe_combine": grouped_bf16, "moe_swiglu": grouped_bf16,
+            "moe_swiglu_fp8": moe_fp8}  # (the MoE steps: Triton's ranges)
     assert picks == want
 
 

@@ -7,8 +7,9 @@ import torch
 
 import dskernels
 from dskernels import grouped_gemm as gg
-from conformance.conftest import (DEVICE, ON_GPU, POISONS, accumulation, as_bytes, backends_for, exact_gemm, gpu_only,
-                                  random_input)
+from dskernels.gemm import mn_major
+from conformance.conftest import (DEVICE, ON_GPU, POISONS, accumulation, as_bytes, available, backends_for, exact_gemm,
+                                  gpu_only, random_input)
 from conformance.tolerances import GEMM_OUT_U, assert_finite, gemm_tier1_errors
 from dskernels.reference import quant as rq
 
@@ -81,7 +82,7 @@ def under_each_poison(fn, written):
 @pytest.mark.parametrize("routing", list(ROUTINGS))
 @pytest.mark.parametrize("backend", FP8_BACKENDS)
 def test_contiguous_matches_the_loop_over_experts(backend, routing, kind):
-    if kind == "bf16" and backend not in [p.values[0] for p in BF16_BACKENDS]:
+    if kind == "bf16" and backend not in available(BF16_BACKENDS):
         pytest.skip("no bf16 form here")
     counts = ROUTINGS[routing]
     G = len(counts)
@@ -107,7 +108,7 @@ def test_contiguous_matches_the_loop_over_experts(backend, routing, kind):
 @pytest.mark.parametrize("kind", ["fp8", "bf16"])
 @pytest.mark.parametrize("backend", FP8_BACKENDS)
 def test_masked_matches_the_loop_over_experts(backend, kind):
-    if kind == "bf16" and backend not in [p.values[0] for p in BF16_BACKENDS]:
+    if kind == "bf16" and backend not in available(BF16_BACKENDS):
         pytest.skip("no bf16 form here")
     M_max = 200 if ON_GPU else 100
     masked = [0, M_max, 37, 1, 64]  # none, all, a tail, one row, a multiple of the block
@@ -302,6 +303,86 @@ def test_k_grouped_bad_input_raises():
         f(a[:, :100].contiguous(), sa[:, :1].contiguous(), b[:, :100].contiguous(), sb[:, :1].contiguous(), off, out)
 
 
+CUDA_CONFIGS = [(layout, bm, bn, epilogue) for layout in ("contiguous", "masked", "k_grouped") for bm in (64, 128)
+                for bn in (64, 128) for epilogue in (0, 1, 2)]  # epilogue: registers, overlap, TMA store
+
+
+def cuda_config_supported(layout, bm, bn, epilogue):
+    C = dskernels.backend._C
+    return C is not None and C.fp8_grouped_gemm_config_supported(
+        ("contiguous", "masked", "k_grouped").index(layout), bm, bn, epilogue)
+
+
+@pytest.mark.parametrize("layout,bm,bn,epilogue", CUDA_CONFIGS, ids=[f"{l}-{m}x{n}-e{e}" for l, m, n, e in CUDA_CONFIGS])
+def test_every_compiled_cuda_config_matches_the_loop(layout, bm, bn, epilogue):
+    """Each grouped CUDA kernel the heuristics can pick, forced, on a ragged problem (partial tiles, an
+    empty expert or segment, padding rows), against the float64 loop: the automatic picks cover only some."""
+    if "cuda" not in available(FP8_BACKENDS):
+        pytest.skip("the CUDA backend does not run here")
+    if not cuda_config_supported(layout, bm, bn, epilogue):
+        pytest.skip("not compiled (the heuristics never pick it)")
+    C, sms, stream = dskernels.backend._C, torch.cuda.get_device_properties(0).multi_processor_count, \
+        torch.cuda.current_stream().cuda_stream
+    config = (bm, bn, epilogue)
+    if layout == "contiguous":
+        counts = [70, 130, 0, 200, 5]
+        m_indices = contiguous_layout(counts, pad_last=False)
+        M, G = m_indices.shape[0], len(counts)
+        (a, sa), (b, sb) = fp8_rows((M, K), seed=31), fp8_experts(G, seed=32)
+        sa = mn_major(sa)
+        for byte in POISONS:
+            out = torch.empty((M, N), dtype=torch.bfloat16, device=DEVICE)
+            out.view(torch.uint8).fill_(byte)
+            C.m_grouped_fp8_gemm_contiguous(a.data_ptr(), sa.data_ptr(), sa.stride(1), b.data_ptr(), sb.data_ptr(),
+                                            m_indices.data_ptr(), out.data_ptr(), M, N, K, G, sms, stream, config)
+            assert bool((as_bytes(out[m_indices == -1]) == byte).all()), "padding rows written"
+            for e in range(G):
+                rows = (m_indices == e).nonzero().flatten()
+                if rows.numel():
+                    want, mag = exact("fp8", a[rows], sa[rows], b[e], sb[e])
+                    check_rows("fp8", out[rows], want, mag, "cuda")
+    elif layout == "masked":
+        M_max, masked = 200, [0, 200, 37, 1, 64, 129]
+        G = len(masked)
+        masked_m = torch.tensor(masked, dtype=torch.int32, device=DEVICE)
+        (a, sa), (b, sb) = fp8_rows((G, M_max, K), seed=33), fp8_experts(G, seed=34)
+        flat = sa.reshape(G * M_max, -1).t().contiguous().t().view(G, M_max, -1)  # one MN-major array
+        per_expert = sa.transpose(1, 2).contiguous().transpose(1, 2)  # MN-major per expert
+        for scales in (flat, per_expert):
+            out = torch.empty((G, M_max, N), dtype=torch.bfloat16, device=DEVICE)
+            out.view(torch.uint8).fill_(POISONS[0])
+            C.m_grouped_fp8_gemm_masked(a.data_ptr(), scales.data_ptr(), scales.stride(2), scales.stride(0),
+                                        b.data_ptr(), sb.data_ptr(), masked_m.data_ptr(), out.data_ptr(), M_max, N, K,
+                                        G, 40, sms, stream, config)
+            for g, n in enumerate(masked):
+                assert bool((as_bytes(out[g, n:]) == POISONS[0]).all()), "rows past masked_m written"
+                if n:
+                    want, mag = exact("fp8", a[g, :n], sa[g, :n], b[g], sb[g])
+                    check_rows("fp8", out[g, :n], want, mag, "cuda")
+    else:
+        sizes = [256, 0, 128, 640, 0]
+        G, T, M, Nk = len(sizes), sum(sizes), 200, 320  # M, N tails for every tile
+        (a, sa), (b, sb) = token_major_quantized(T, M, seed=35), token_major_quantized(T, Nk, seed=36)
+        sa, sb = mn_major(sa), mn_major(sb)
+        k_offsets = torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        base = random_input((G, M, Nk), torch.float32, seed=37)
+        for accumulate in (True, False):
+            out = base.clone()
+            C.k_grouped_fp8_gemm(a.data_ptr(), sa.data_ptr(), sa.stride(1), b.data_ptr(), sb.data_ptr(), sb.stride(1),
+                                 k_offsets.data_ptr(), out.data_ptr(), accumulate, M, Nk, T, G, sms, stream, config)
+            start = 0
+            for g, n in enumerate(sizes):
+                seg, kb = slice(start, start + n), slice(start // 128, (start + n) // 128)
+                start += n
+                want = mag = torch.zeros(M, Nk, dtype=torch.float64, device=DEVICE)
+                if n:
+                    want, mag = exact("fp8", a[:, seg], sa[:, kb], b[:, seg], sb[:, kb])
+                if accumulate:
+                    want, mag = want + base[g].double(), mag + base[g].double().abs()
+                elem, whole, row = gemm_tier1_errors(out[g], want, mag, torch.float32, accumulation("cuda"))
+                assert max(elem, whole, row) <= 1, f"group {g}: {elem:.3g} {whole:.3g} {row:.3g}"
+
+
 @gpu_only
 def test_masked_call_replays_from_a_cuda_graph():
     """masked_m is read on the device: a captured call replays right after masked_m changes in place."""
@@ -382,8 +463,11 @@ def test_bad_input_raises():
     with pytest.raises(ValueError, match="K must be a multiple of 128"):
         f(a[:, :100].contiguous(), sa[:, :1].contiguous(), b[:, :, :100].contiguous(), sb[:, :, :1].contiguous(),
           m_indices)
-    with pytest.raises(ValueError, match="backend='cuda' cannot run m_grouped_fp8_gemm"):
-        f(a, sa, b, sb, m_indices, backend="cuda")
+    with pytest.raises(ValueError, match="backend='cuda' cannot run m_grouped_bf16_gemm"):  # (BF16: Triton only)
+        dskernels.m_grouped_bf16_gemm_nt_contiguous(a.bfloat16(), b.bfloat16(), m_indices, backend="cuda")
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="backend='cuda' cannot run m_grouped_fp8_gemm"):
+            f(a, sa, b, sb, m_indices, backend="cuda")
 
 
 @pytest.mark.parametrize("backend", BF16_BACKENDS)

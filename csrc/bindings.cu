@@ -2,8 +2,12 @@
 // Python layer read off torch, DLPack or __cuda_array_interface__ objects and checked; streams as
 // integers. No PyTorch headers: the module builds in seconds and works with any torch version.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include "common.cuh"
+#include <tuple>
+
 #include "gemm/fp8_gemm.h"
+#include "gemm/fp8_grouped_gemm.h"
 #include "mla/mla_decode.h"
 #include "quant/quant.h"
 
@@ -52,6 +56,45 @@ void fp8_gemm_binding(uintptr_t a, uintptr_t a_scale, int a_scale_ld, uintptr_t 
   check_kernel(err, "fp8_gemm");
 }
 
+// A grouped GEMM's config from Python: (block_m, block_n, epilogue) or (0, 0, 0) for the heuristics' pick
+// (tests run every compiled config through this).
+struct ConfigArg {
+  Fp8GemmConfig config{0, 0};
+  explicit ConfigArg(const std::tuple<int, int, int>& c)
+      : config{std::get<0>(c), std::get<1>(c), static_cast<Fp8GemmEpilogue>(std::get<2>(c))} {}
+  const Fp8GemmConfig* get() const { return config.block_m == 0 ? nullptr : &config; }
+};
+
+void m_grouped_contiguous_binding(uintptr_t a, uintptr_t a_scale, int a_scale_ld, uintptr_t b, uintptr_t b_scale,
+                                  uintptr_t m_indices, uintptr_t out, int M, int N, int K, int G, int num_sms,
+                                  uintptr_t st, std::tuple<int, int, int> config) {
+  const ConfigArg c(config);
+  check_kernel(fp8_m_grouped_gemm_contiguous(ptr(a), ptr<const float>(a_scale), a_scale_ld, ptr(b),
+                                             ptr<const float>(b_scale), ptr<const int>(m_indices), ptr(out), M, N, K,
+                                             G, num_sms, stream(st), c.get()),
+               "m_grouped_fp8_gemm_nt_contiguous");
+}
+
+void m_grouped_masked_binding(uintptr_t a, uintptr_t a_scale, int a_scale_ld, long long a_scale_gs, uintptr_t b,
+                              uintptr_t b_scale, uintptr_t masked_m, uintptr_t out, int M_max, int N, int K, int G,
+                              int expected_m, int num_sms, uintptr_t st, std::tuple<int, int, int> config) {
+  const ConfigArg c(config);
+  check_kernel(fp8_m_grouped_gemm_masked(ptr(a), ptr<const float>(a_scale), a_scale_ld, a_scale_gs, ptr(b),
+                                         ptr<const float>(b_scale), ptr<const int>(masked_m), ptr(out), M_max, N, K,
+                                         G, expected_m, num_sms, stream(st), c.get()),
+               "m_grouped_fp8_gemm_nt_masked");
+}
+
+void k_grouped_binding(uintptr_t a, uintptr_t a_scale, int a_scale_ld, uintptr_t b, uintptr_t b_scale,
+                       int b_scale_ld, uintptr_t k_offsets, uintptr_t out, bool accumulate, int M, int N, int K_total,
+                       int G, int num_sms, uintptr_t st, std::tuple<int, int, int> config) {
+  const ConfigArg c(config);
+  check_kernel(fp8_k_grouped_gemm(ptr(a), ptr<const float>(a_scale), a_scale_ld, ptr(b), ptr<const float>(b_scale),
+                                  b_scale_ld, ptr<const int>(k_offsets), ptr<float>(out), accumulate, M, N, K_total, G,
+                                  num_sms, stream(st), c.get()),
+               "k_grouped_fp8_gemm_nt_contiguous");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -64,6 +107,22 @@ PYBIND11_MODULE(_C, m) {
   });
 
   m.def("fp8_gemm", &fp8_gemm_binding);
+  const auto auto_config = std::make_tuple(0, 0, 0);
+  m.def("m_grouped_fp8_gemm_contiguous", &m_grouped_contiguous_binding, py::arg("a"), py::arg("a_scale"),
+        py::arg("a_scale_ld"), py::arg("b"), py::arg("b_scale"), py::arg("m_indices"), py::arg("out"), py::arg("M"),
+        py::arg("N"), py::arg("K"), py::arg("G"), py::arg("num_sms"), py::arg("stream"),
+        py::arg("config") = auto_config);
+  m.def("m_grouped_fp8_gemm_masked", &m_grouped_masked_binding, py::arg("a"), py::arg("a_scale"),
+        py::arg("a_scale_ld"), py::arg("a_scale_gs"), py::arg("b"), py::arg("b_scale"), py::arg("masked_m"),
+        py::arg("out"), py::arg("M_max"), py::arg("N"), py::arg("K"), py::arg("G"), py::arg("expected_m"),
+        py::arg("num_sms"), py::arg("stream"), py::arg("config") = auto_config);
+  m.def("k_grouped_fp8_gemm", &k_grouped_binding, py::arg("a"), py::arg("a_scale"), py::arg("a_scale_ld"),
+        py::arg("b"), py::arg("b_scale"), py::arg("b_scale_ld"), py::arg("k_offsets"), py::arg("out"),
+        py::arg("accumulate"), py::arg("M"), py::arg("N"), py::arg("K_total"), py::arg("G"), py::arg("num_sms"),
+        py::arg("stream"), py::arg("config") = auto_config);
+  m.def("fp8_grouped_gemm_config_supported", [](int layout, int block_m, int block_n, int epilogue) {
+    return fp8_grouped_gemm_config_supported(layout, Fp8GemmConfig{block_m, block_n, static_cast<Fp8GemmEpilogue>(epilogue)});
+  });
   m.def("mla_decode_split", [](uintptr_t q, uintptr_t cache, int num_pages, int64_t page_stride,
                                uintptr_t block_table, int bt_stride, int max_pages, uintptr_t seqlens, uintptr_t items,
                                uintptr_t offsets, uintptr_t bad, uintptr_t made_seqlens, uintptr_t made_table_hash,

@@ -19,15 +19,15 @@ from dskernels.reference.quant import cdiv
 FP8 = torch.float8_e4m3fn
 
 
-def _is_mn_major(scale: torch.Tensor) -> bool:
+def is_mn_major(scale: torch.Tensor) -> bool:
     """scale [R, Kb] with strides (1, ld), ld % 4 == 0 and ld >= R: what a TMA load of one K block's scales
     for a tile of rows needs."""
     return scale.stride(0) == 1 and scale.stride(1) % 4 == 0 and scale.stride(1) >= scale.shape[0]
 
 
-def _mn_major(scale: torch.Tensor) -> torch.Tensor:
-    """scale in the MN-major layout (_is_mn_major); copies only when the caller's layout differs."""
-    if _is_mn_major(scale):
+def mn_major(scale: torch.Tensor) -> torch.Tensor:
+    """scale in the MN-major layout (is_mn_major); copies only when the caller's layout differs."""
+    if is_mn_major(scale):
         return scale
     R, Kb = scale.shape
     return _backend.empty((R, Kb), torch.float32, scale.device, strides=(1, cdiv(R, 4) * 4)).copy_(scale)
@@ -40,14 +40,14 @@ def _per_row(b, b_scale) -> bool:
 
 def _cuda(a, a_scale, b, b_scale, out, accumulate):
     per_row = _per_row(b, b_scale)
-    a_scale = _mn_major(a_scale)
-    b_scale = _mn_major(b_scale) if per_row else b_scale.contiguous()
+    a_scale = mn_major(a_scale)
+    b_scale = mn_major(b_scale) if per_row else b_scale.contiguous()
     _launch(a, a_scale, b, b_scale, out, accumulate, per_row, _backend.device_properties(a.device.index or 0)["sms"])
 
 
 def _in_kernel_layout(a_scale, b_scale, per_row) -> bool:
     """Whether _cuda would pass the scales to the kernel as they are (no copy)."""
-    return _is_mn_major(a_scale) and (_is_mn_major(b_scale) if per_row else b_scale.is_contiguous())
+    return is_mn_major(a_scale) and (is_mn_major(b_scale) if per_row else b_scale.is_contiguous())
 
 
 def _launch(a, a_scale, b, b_scale, out, accumulate, per_row, sms):
@@ -55,14 +55,19 @@ def _launch(a, a_scale, b, b_scale, out, accumulate, per_row, sms):
     b_scale contiguous), on the current device."""
     pa, psa, pb, psb = a.data_ptr(), a_scale.data_ptr(), b.data_ptr(), b_scale.data_ptr()
     if (pa | psa | pb | psb) & 15:
-        for name, p in (("a", pa), ("a_scale", psa), ("b", pb), ("b_scale", psb)):
-            if p % 16:
-                raise ValueError(f"{name} must start at a 16-byte aligned address for the CUDA kernel's TMA loads "
-                                 f"(a slice that starts mid-row breaks this)")
+        require_tma_aligned(a=pa, a_scale=psa, b=pb, b_scale=psb)
     M, K = a.shape
     _backend._C.fp8_gemm(pa, psa, a_scale.stride(1), pb, psb, b_scale.stride(1) if per_row else 0, per_row,
                          out.data_ptr(), out.dtype is torch.float32, accumulate, M, b.shape[0], K, sms,
                          _backend.stream(a))
+
+
+def require_tma_aligned(**addresses):
+    """Raises naming the first operand whose address is not 16-byte aligned (the CUDA kernels' TMA loads)."""
+    for name, p in addresses.items():
+        if p % 16:
+            raise ValueError(f"{name} must start at a 16-byte aligned address for the CUDA kernel's TMA loads "
+                             f"(a slice that starts mid-row breaks this)")
 
 
 def _triton(a, a_scale, b, b_scale, out, accumulate):

@@ -25,7 +25,12 @@
     k_grouped_bf16_gemm_nt_contiguous(a, b, k_offsets, out, accumulate=True): the same with bf16 a and b.
 
 The numerics are the dense GEMM's (dskernels.reference.gemm), per expert: dskernels.reference.grouped_gemm
-is the specification. No host sync: m_indices and masked_m are read on the device, so the masked form
+is the specification. Backends: "cuda" (sm_90: the dense kernel's mainloop with a tile scheduler per
+layout, csrc/gemm/fp8_grouped_gemm.h; the FP8 forms), "triton" (every form), "reference"; "auto" takes
+CUDA, then Triton, except for the k-grouped FP8 gradient (Triton first: backend.AUTO_ORDER says why).
+The CUDA kernels take a_scale MN-major (per_token_group_quant(..., scale_layout="col"), and for the masked
+form its [G * M_max, K/128] result viewed as [G, M_max, K/128], or MN-major per expert); other layouts
+are copied into that one on each call. No host sync: m_indices and masked_m are read on the device, so the masked form
 is CUDA-graph capturable with masked_m changing between replays. A row whose m_indices entry breaks the
 layout (an id >= G or below -1, or a segment that does not start on the alignment) comes back NaN.
 """
@@ -69,7 +74,35 @@ def _triton(a, a_scale, b, b_scale, rows, out, masked, hint_m):
     tg.grouped_gemm(a, a_scale, b, b_scale, rows, out, masked, hint_m)
 
 
-_BACKENDS = {"reference": _reference, "triton": _triton}
+def _masked_scales(a_scale, M_max):
+    """a_scale [G, M_max, Kb] in a layout the CUDA kernel reads (m the unit stride, 16-byte strides: one
+    MN-major array over the G * M_max rows, or one per expert), copied into the per-expert one otherwise."""
+    G, _, Kb = a_scale.shape
+    s_g, s_m, s_k = a_scale.stride()
+    if s_m == 1 and s_k % 4 == 0 and ((s_g == M_max and s_k >= G * M_max) or
+                                      (s_g % 4 == 0 and s_k >= M_max and s_g >= s_k * Kb)):
+        return a_scale
+    ld = cdiv(M_max, 4) * 4
+    return _backend.empty((G, M_max, Kb), torch.float32, a_scale.device, strides=(ld * Kb, 1, ld)).copy_(a_scale)
+
+
+def _cuda(a, a_scale, b, b_scale, rows, out, masked, hint_m):
+    from dskernels.gemm import mn_major, require_tma_aligned
+    G, N, K = b.shape
+    sms = _backend.device_properties(a.device.index)["sms"]
+    a_scale = _masked_scales(a_scale, a.shape[1]) if masked else mn_major(a_scale)
+    require_tma_aligned(a=a.data_ptr(), a_scale=a_scale.data_ptr(), b=b.data_ptr())
+    if masked:
+        _backend._C.m_grouped_fp8_gemm_masked(a.data_ptr(), a_scale.data_ptr(), a_scale.stride(2), a_scale.stride(0),
+                                              b.data_ptr(), b_scale.data_ptr(), rows.data_ptr(), out.data_ptr(),
+                                              a.shape[1], N, K, G, hint_m, sms, _backend.stream(a))
+    else:
+        _backend._C.m_grouped_fp8_gemm_contiguous(a.data_ptr(), a_scale.data_ptr(), a_scale.stride(1), b.data_ptr(),
+                                                  b_scale.data_ptr(), rows.data_ptr(), out.data_ptr(), a.shape[0], N, K,
+                                                  G, sms, _backend.stream(a))
+
+
+_BACKENDS = {"reference": _reference, "triton": _triton, "cuda": _cuda}
 
 
 def _grouped(a, a_scale, b, b_scale, rows, out, masked, hint_m, backend):
@@ -144,7 +177,7 @@ def _hint(expected_m):
 def m_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, m_indices, *, out=None, backend: str = "auto"):
     """out [M_total, N] bf16: row m = a[m] @ b[m_indices[m]].T with FP32 promotion every 128 K (the module
     docstring has the layout). out: optional, written in place (its padding rows keep their values).
-    backend: "auto", "triton" (sm_89 and newer) or "reference"."""
+    backend: "auto", "cuda" (sm_90), "triton" (sm_89 and newer) or "reference"."""
     return _run("m_grouped_fp8_gemm", a, a_scale, b, b_scale, m_indices, "m_indices", out, False, 0, backend)
 
 
@@ -179,7 +212,22 @@ def _k_triton(a, a_scale, b, b_scale, k_offsets, out, accumulate):
     tg.k_grouped_gemm(a, a_scale, b, b_scale, k_offsets, out, accumulate)
 
 
-_K_BACKENDS = {"reference": _k_reference, "triton": _k_triton}
+def _k_cuda(a, a_scale, b, b_scale, k_offsets, out, accumulate):
+    from dskernels.gemm import mn_major, require_tma_aligned
+    G, M, N = out.shape
+    K_total = a.shape[1]
+    if K_total == 0:  # no tokens: every segment must be empty; a group whose offsets are not 0 is broken
+        broken = ((k_offsets[:-1] != 0) | (k_offsets[1:] != 0))[:, None, None]
+        out.copy_(torch.where(broken, float("nan"), out if accumulate else 0.0))
+        return
+    a_scale, b_scale = mn_major(a_scale), mn_major(b_scale)
+    require_tma_aligned(a=a.data_ptr(), a_scale=a_scale.data_ptr(), b=b.data_ptr(), b_scale=b_scale.data_ptr())
+    _backend._C.k_grouped_fp8_gemm(a.data_ptr(), a_scale.data_ptr(), a_scale.stride(1), b.data_ptr(), b_scale.data_ptr(),
+                                   b_scale.stride(1), k_offsets.data_ptr(), out.data_ptr(), accumulate, M, N, K_total, G,
+                                   _backend.device_properties(a.device.index)["sms"], _backend.stream(a))
+
+
+_K_BACKENDS = {"reference": _k_reference, "triton": _k_triton, "cuda": _k_cuda}
 
 
 def _k_grouped(a, a_scale, b, b_scale, k_offsets, out, accumulate, backend):
@@ -235,7 +283,7 @@ def _run_k_grouped(op, a, a_scale, b, b_scale, k_offsets, out, accumulate, backe
 def k_grouped_fp8_gemm_nt_contiguous(a, a_scale, b, b_scale, k_offsets, out, *, accumulate: bool = True,
                                      backend: str = "auto"):
     """The experts' weight gradients into out [G, M, N] fp32 (module docstring); returns out.
-    backend: "auto", "triton" (sm_89 and newer) or "reference"."""
+    backend: "auto", "cuda" (sm_90), "triton" (sm_89 and newer) or "reference"."""
     return _run_k_grouped("k_grouped_fp8_gemm", a, a_scale, b, b_scale, k_offsets, out, accumulate, backend)
 
 

@@ -75,10 +75,10 @@ cudaError_t fp8_gemm(const void* a, const float* a_scale, int a_scale_ld, const 
                      int b_scale_ld, ScaleGranularity b_gran, void* out, bool out_fp32, bool accumulate, int M, int N,
                      int K, int num_sms, cudaStream_t stream, const Fp8GemmConfig* config = nullptr);
 
-// The config fp8_gemm uses for this problem when config is nullptr: the instantiated tile shape with the
-// least estimated time (waves of tiles times the slower of a tile's tensor-core and load time) among
-// the kRegisters / cluster_m = 1 kernels, then the variant from the rule table in fp8_gemm.cu (1D2D
-// with a 128-row tile: kTmaStore, measured faster on every DeepSeek-V3 shape).
+// The config fp8_gemm uses for this problem when config is nullptr: gemm_pick_config (gemm_heuristics.h)
+// for the dense layout: the candidate tile shape with the least estimated time (waves of tiles times the
+// slower of a tile's tensor-core and load time), then the variant from the rule table in
+// gemm_heuristics.cu (1D2D with a 128-row tile: kTmaStore, measured faster on every DeepSeek-V3 shape).
 Fp8GemmConfig fp8_gemm_pick_config(int M, int N, int K, ScaleGranularity b_gran, int num_sms);
 
 // Whether this exact config (tile shape, epilogue, cluster_m) is compiled for this granularity.

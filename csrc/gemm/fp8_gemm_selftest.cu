@@ -3,7 +3,8 @@
 //
 // Build and run on an H100 (no PyTorch needed):
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a \
-//        csrc/gemm/fp8_gemm.cu csrc/gemm/fp8_gemm_selftest.cu -o fp8_gemm_selftest
+//        csrc/gemm/fp8_gemm.cu csrc/gemm/fp8_grouped_gemm.cu csrc/gemm/gemm_heuristics.cu \
+//        csrc/gemm/fp8_gemm_selftest.cu -o fp8_gemm_selftest
 //   ./fp8_gemm_selftest          # correctness: one line per case, exit 1 on any mismatch
 //   ./fp8_gemm_selftest bench    # DeepSeek-V3 shapes with the heuristic's tile shape
 //   ./fp8_gemm_selftest sweep    # the same shapes with every compiled tile shape (to tune the heuristic)
