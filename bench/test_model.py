@@ -33,7 +33,8 @@ WARM, PROFILED = 3, 2
 KINDS = [
     ("attention core", r"flash|fmha|attention|cudnn|mla_"),
     # (the CUDA grouped GEMMs are fp8_gemm_kernel<..., GemmLayout 1-3>; the dense one has layout 0)
-    ("grouped GEMM (experts)", r"_grouped_gemm_kernel|_k_grouped_kernel|GemmLayout\)[123]|GemmLayout::k[CMK]|GemmLayoutE[123]"),
+    ("grouped GEMM (experts)",
+     r"_grouped_gemm_kernel|_k_grouped_kernel|GemmLayout\)[123]|GemmLayout::k[CMK]|GemmLayoutE[123]"),
     ("FP8 GEMM (dense)", r"fp8_gemm_kernel"),
     ("BF16 GEMM (cuBLAS)", r"gemm|nvjet|xmma|cutlass|sm90_|wgrad|dgrad"),
     ("routing, permute, combine", r"_route_kernel|_layout_|_permute_kernel|_combine"),

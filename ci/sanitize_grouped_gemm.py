@@ -36,7 +36,8 @@ check("contiguous", *(o[m_indices != -1] for o in both), 2 ** -7)
 masked = [5, 0, 128]
 mm = torch.tensor(masked, dtype=torch.int32, device="cuda")
 a3 = a[:384].view(G, 128, K)
-for layout, s3 in (("flat", sa[:384].view(G, 128, K // 128)), ("row-major", sa[:384].contiguous().view(G, 128, K // 128))):
+for layout, s3 in (("flat", sa[:384].view(G, 128, K // 128)),
+                   ("row-major", sa[:384].contiguous().view(G, 128, K // 128))):
     both = [dskernels.m_grouped_fp8_gemm_nt_masked(a3, s3, b, sb, mm, 64, backend=be) for be in ("cuda", "reference")]
     check(f"masked ({layout} scales)", *(torch.cat([o[g, :n] for g, n in enumerate(masked)]) for o in both), 2 ** -7)
 T = 512

@@ -43,7 +43,7 @@ def test_auto_picks_what_runs_on_each_generation(fake_gpu, gen):
     want = {**{op: fp8 for op in FP8_OPS}, "mla_decode": mla, "mla_decode_fp8_cache": mla_fp8,
             "get_mla_metadata": metadata, "append_to_cache": append, "append_to_cache_fp8_cache": append_fp8,
             "m_grouped_fp8_gemm": grouped_fp8, "m_grouped_bf16_gemm": grouped_bf16,
-            "k_grouped_fp8_gemm": "triton" if grouped_fp8 == "cuda" else grouped_fp8,  # (backend.AUTO_ORDER)
+            "k_grouped_fp8_gemm": grouped_fp8,
             "k_grouped_bf16_gemm": grouped_bf16,
             "moe_route": grouped_bf16, "moe_layout": grouped_bf16, "moe_permute": grouped_bf16,
             "moe_permute_fp8": moe_fp8, "moe_combine": grouped_bf16, "moe_swiglu": grouped_bf16,

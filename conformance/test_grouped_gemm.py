@@ -313,7 +313,8 @@ def cuda_config_supported(layout, bm, bn, epilogue):
         ("contiguous", "masked", "k_grouped").index(layout), bm, bn, epilogue)
 
 
-@pytest.mark.parametrize("layout,bm,bn,epilogue", CUDA_CONFIGS, ids=[f"{l}-{m}x{n}-e{e}" for l, m, n, e in CUDA_CONFIGS])
+@pytest.mark.parametrize("layout,bm,bn,epilogue", CUDA_CONFIGS,
+                         ids=[f"{lay}-{m}x{n}-e{e}" for lay, m, n, e in CUDA_CONFIGS])
 def test_every_compiled_cuda_config_matches_the_loop(layout, bm, bn, epilogue):
     """Each grouped CUDA kernel the heuristics can pick, forced, on a ragged problem (partial tiles, an
     empty expert or segment, padding rows), against the float64 loop: the automatic picks cover only some."""
@@ -381,6 +382,35 @@ def test_every_compiled_cuda_config_matches_the_loop(layout, bm, bn, epilogue):
                     want, mag = want + base[g].double(), mag + base[g].double().abs()
                 elem, whole, row = gemm_tier1_errors(out[g], want, mag, torch.float32, accumulation("cuda"))
                 assert max(elem, whole, row) <= 1, f"group {g}: {elem:.3g} {whole:.3g} {row:.3g}"
+
+
+def test_a_repeated_call_launches_from_its_cached_plan():
+    """The second call with the same argument signature skips the checks (gg._PLANS) and still computes
+    on the new data, and still refuses an operand that starts off the 16-byte alignment."""
+    if "cuda" not in available(FP8_BACKENDS):
+        pytest.skip("the CUDA backend does not run here")
+    m_indices = contiguous_layout([40, 0, 200])
+    M = m_indices.shape[0]
+    (a, sa), (b, sb) = fp8_rows((M, K), seed=41), fp8_experts(3, seed=42)
+    sa = mn_major(sa)
+    gg._PLANS.clear()
+    dskernels.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, m_indices, backend="cuda")
+    assert len(gg._PLANS) == 1
+    (a2, sa2) = fp8_rows((M, K), seed=43)
+    sa2 = mn_major(sa2)
+    out = torch.full((M, N), 7.0, dtype=torch.bfloat16, device=DEVICE)
+    got = dskernels.m_grouped_fp8_gemm_nt_contiguous(a2, sa2, b, sb, m_indices, out=out, backend="cuda")
+    rows = m_indices != -1
+    for e in range(3):
+        r = (m_indices == e).nonzero().flatten()
+        if r.numel():
+            check_rows("fp8", got[r], *exact("fp8", a2[r], sa2[r], b[e], sb[e]), "cuda")
+    assert bool((got[~rows] == 7.0).all())
+    assert len(gg._PLANS) == 2  # (out= is part of the signature)
+    shifted = torch.empty(M * K + 16, dtype=torch.uint8, device=DEVICE)[8:8 + M * K].view(torch.float8_e4m3fn)
+    shifted = shifted.view(M, K).copy_(a2)
+    with pytest.raises(ValueError, match="a must start at a 16-byte aligned address"):
+        dskernels.m_grouped_fp8_gemm_nt_contiguous(shifted, sa2, b, sb, m_indices, backend="cuda")
 
 
 @gpu_only

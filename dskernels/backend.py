@@ -137,17 +137,9 @@ def why_unavailable(op: str, backend: str, device: torch.device):
 _RESOLVED = {}  # (op, backend, device) -> backend name: the choice is fixed per process and device
 
 
-# "auto"'s order where it is not CUDA, then Triton: the k-grouped FP8 weight gradient's CUDA kernel stores its
-# fp32 tiles from registers with the tensor cores idle, which costs most where the experts' token segments
-# are short (H200, 2026-12-02, bench/test_grouped_gemm.py: 380 TFLOPS against Triton's 455 at 16 groups
-# of 2064 tokens, 653 against 599 at 4 of 7104); MoE layers have a few hundred tokens per expert.
-AUTO_ORDER = {"k_grouped_fp8_gemm": ("triton", "cuda")}
-
-
 def resolve(op: str, backend: str, device: torch.device) -> str:
     """The backend that will run `op`: `backend` itself if it can (else ValueError naming why), or for
-    "auto" CUDA, then Triton on a GPU (AUTO_ORDER where measured otherwise), then the reference. Cached per
-    (op, backend, device)."""
+    "auto" CUDA, then Triton on a GPU, then the reference. Cached per (op, backend, device)."""
     key = (op, backend, device)
     try:
         return _RESOLVED[key]
@@ -156,8 +148,7 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     if backend == "auto":
         name = "reference"  # never the interpreter for CPU tensors
         if device.type == "cuda":
-            order = AUTO_ORDER.get(op, ("cuda", "triton"))
-            name = next((n for n in order if why_unavailable(op, n, device) is None), "reference")
+            name = next((n for n in ("cuda", "triton") if why_unavailable(op, n, device) is None), "reference")
     else:
         reason = why_unavailable(op, backend, device)
         if reason:

@@ -501,12 +501,12 @@ class _Experts(torch.autograd.Function):
             _, _, w13tq, w13ts, _, _, w2tq, w2ts = ctx.quantized
             dyq, dys, dytq, dyts = per_token_group_quant_both(dy, scale_layout="col", backend=b)
             d_act = _expert_gemm(dyq, dys, w2tq, w2ts, layout, b)
-            atq, ats = per_token_group_quant_transposed(act, backend=b)
+            atq, ats = per_token_group_quant_transposed(act, scale_layout="col", backend=b)
             gg.k_grouped_fp8_gemm_nt_contiguous(dytq, dyts, atq, ats, k_offsets, dw2, accumulate=False, backend=b)
             dh = _run_swiglu_backward(h, d_act, token_of_row, _backend.resolve("moe_swiglu", b, h.device))
             dhq, dhs, dhtq, dhts = per_token_group_quant_both(dh, scale_layout="col", backend=b)
             dx_rows = _expert_gemm(dhq, dhs, w13tq, w13ts, layout, b)
-            xtq, xts = per_token_group_quant_transposed(x_rows, backend=b)
+            xtq, xts = per_token_group_quant_transposed(x_rows, scale_layout="col", backend=b)
             gg.k_grouped_fp8_gemm_nt_contiguous(dhtq, dhts, xtq, xts, k_offsets, dw13, accumulate=False, backend=b)
         else:
             # (the BF16 grouped GEMMs read the transposed operands by their strides: no copies)

@@ -241,6 +241,21 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t
                : "memory");
 }
 
+// 3-D tile reduction shared -> global: global += smem (fp32 add, performed in L2), in the calling
+// thread's current bulk group; out-of-bounds parts of the box are skipped. Move to hopper.cuh.
+__device__ __forceinline__ void tma_reduce_add_3d(const CUtensorMap* map, const void* smem_src, int32_t c0, int32_t c1,
+                                                  int32_t c2) {
+  asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4}], [%1];" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(hopper::smem_addr(smem_src)), "r"(c0), "r"(c1), "r"(c2)
+               : "memory");
+}
+
+// Stores a float2 into shared memory at a 32-bit shared address.
+__device__ __forceinline__ void st_shared_f32x2(uint32_t addr, float x, float y) {
+  asm volatile("st.shared.v2.f32 [%0], {%1, %2};" ::"r"(addr), "f"(x), "f"(y) : "memory");
+}
+
 // Two floats -> bf16x2 bits (x in the low half).
 __device__ __forceinline__ uint32_t pack_bf16x2(float x, float y) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(x, y);
@@ -268,9 +283,10 @@ constexpr int kGroupRows = 1024;             // rows of A shared by the tiles of
 constexpr int round_up(int x, int to) { return (x + to - 1) / to * to; }
 constexpr int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
 
-// Compile-time geometry of one instantiation. kOverlap adds a bf16 staging tile for the TMA-store
-// epilogue (BM x BN x 2 bytes, one 64-row slice per math warpgroup) and takes it from the stages.
-template <int BM, int BN, bool kScaleBPerRow, bool kOverlap = false>
+// Compile-time geometry of one instantiation. kOverlap adds a staging tile for the TMA-store epilogue
+// (BM x BN, bf16, or fp32 with kF32Out: the k-grouped weight gradient; one 64-row slice per math
+// warpgroup) and takes it from the stages.
+template <int BM, int BN, bool kScaleBPerRow, bool kOverlap = false, bool kF32Out = false>
 struct Tile {
   static_assert(BM == 64 || BM == 128, "one or two math warpgroups of 64 rows");
   static_assert(BN % 8 == 0 && BN >= 16 && BN <= 256, "wgmma N");
@@ -285,16 +301,19 @@ struct Tile {
   static constexpr int kAScaleBytes = round_up(BM * 4, 128);
   static constexpr int kBScaleBytes = kScaleBPerRow ? round_up(BN * 4, 128) : 0;
   static constexpr int kStageBytes = kABytes + kBBytes + kAScaleBytes + kBScaleBytes;
-  // Staging tile of the TMA-store epilogue: per math warpgroup, 64 rows x BN bf16 cut into panels of
+  // Staging tile of the TMA-store epilogue: per math warpgroup, 64 rows x BN elements cut into panels of
   // kStoreSwizzle bytes per row (one TMA box of {kStorePanelCols, 64} each), each panel laid out as the
-  // tensor map's swizzle expects: 128-byte swizzle when BN % 64 == 0, else 32-byte swizzle (16 columns).
-  // Either way the 8 rows of one stmatrix 8x8 matrix land in 8 different 16-byte bank groups.
-  static constexpr int kStoreSwizzle = BN % 64 == 0 ? 128 : 32;
-  static constexpr int kStorePanelCols = kStoreSwizzle / 2;
+  // tensor map's swizzle expects: 128-byte swizzle when a row of the tile is a multiple of 128 bytes, else
+  // 32-byte swizzle (16 bf16 columns). Either way the 8 rows of one stmatrix 8x8 matrix (bf16) or the 8
+  // rows of a warp's float2 stores (fp32) land in 8 different 16-byte bank groups.
+  static constexpr int kOutBytes = kF32Out ? 4 : 2;
+  static_assert(!kF32Out || BN % 32 == 0, "fp32 staging: whole 128-byte panels");
+  static constexpr int kStoreSwizzle = (BN * kOutBytes) % 128 == 0 ? 128 : 32;
+  static constexpr int kStorePanelCols = kStoreSwizzle / kOutBytes;
   static constexpr int kStorePanels = BN / kStorePanelCols;
   static_assert(kStorePanels * kStorePanelCols == BN, "whole panels");
   static constexpr int kStorePanelBytes = 64 * kStoreSwizzle;
-  static constexpr int kCdWarpgroupBytes = 64 * BN * 2;  // multiple of 1024 (BN % 8 == 0)
+  static constexpr int kCdWarpgroupBytes = 64 * BN * kOutBytes;  // multiple of 1024 (BN % 8 == 0)
   static constexpr int kCdBytes = kOverlap ? kMathWarpgroups * kCdWarpgroupBytes : 0;
   static constexpr int kStages = std::min(32, (kMaxDynamicSmem - 1024 - 32 * 16 - kCdBytes) / kStageBytes);
   // Layout: [A x stages][B x stages][staging (kOverlap)][a_scale x stages][b_scale x stages]
@@ -316,7 +335,7 @@ struct Tile {
   // the start of a 16-byte chunk): panel c / kStorePanelCols, row r at r * kStoreSwizzle inside it, and
   // the TMA swizzle: 16-byte chunk bits [4, 4 + log2(kStoreSwizzle / 16)) XOR address bits [7, ...).
   __device__ __forceinline__ static uint32_t cd_offset(int r, int c) {
-    const uint32_t off = r * kStoreSwizzle + (c % kStorePanelCols) * 2;
+    const uint32_t off = r * kStoreSwizzle + (c % kStorePanelCols) * kOutBytes;
     const uint32_t swizzled = off ^ (((off >> 7) & (kStoreSwizzle / 16 - 1)) << 4);
     return (c / kStorePanelCols) * kStorePanelBytes + swizzled;
   }
@@ -340,13 +359,13 @@ struct TileInfo {
 
 template <int BM, int BN, bool kScaleBPerRow, bool kOverlap = false, int kCluster = 1,
           GemmLayout kLayout = GemmLayout::kDense>
-__global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThreads, 1)
+__global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap, kLayout == GemmLayout::kKGrouped>::kThreads, 1)
     fp8_gemm_kernel(const __grid_constant__ CUtensorMap tmap_a, const __grid_constant__ CUtensorMap tmap_b,
                     const __grid_constant__ CUtensorMap tmap_a_scale,
                     const __grid_constant__ CUtensorMap tmap_b_scale, const Params p,
                     const __grid_constant__ CUtensorMap tmap_out) {
 #if DSK_HOPPER_DEVICE
-  using T = Tile<BM, BN, kScaleBPerRow, kOverlap>;
+  using T = Tile<BM, BN, kScaleBPerRow, kOverlap, kLayout == GemmLayout::kKGrouped>;
   using namespace hopper;
   namespace x = fp8_gemm_detail::sm90;
   constexpr int S = T::kStages;
@@ -634,25 +653,51 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
       warpgroup_barrier();
       // stmatrix x4 covers column groups 2jj and 2jj + 1, rows 0-7 and 8-7 of this warp's 16: matrix
       // i = lane / 8 is (group 2jj + i / 2, half i % 2); lane gives row lane % 8 of matrix i.
-      const int mi = lane / 8;
-      const int r = warp * 16 + (lane % 8) + 8 * (mi & 1);
       const uint32_t cd_base = smem_addr(cd);
+      if constexpr (T::kOutBytes == 4) {
+        // fp32 (the k-grouped gradient): this thread's column pairs of rows r and r + 8 as float2, NaN for
+        // a group whose segment breaks the layout rule.
+        const int r = warp * 16 + lane / 4;
+        const float kNaN = __int_as_float(0x7fc00000);
+        const bool nan = ti.job.nan;
 #pragma unroll
-      for (int jj = 0; jj < BN / 16; ++jj) {
-        const int c = 16 * jj + 8 * (mi >> 1);
-        x::stmatrix_x4(cd_base + T::cd_offset(r, c), x::pack_bf16x2(acc[8 * jj + 0], acc[8 * jj + 1]),
-                       x::pack_bf16x2(acc[8 * jj + 2], acc[8 * jj + 3]),
-                       x::pack_bf16x2(acc[8 * jj + 4], acc[8 * jj + 5]),
-                       x::pack_bf16x2(acc[8 * jj + 6], acc[8 * jj + 7]));
+        for (int jj = 0; jj < BN / 8; ++jj) {
+          const int c = 8 * jj + col;
+          x::st_shared_f32x2(cd_base + T::cd_offset(r, c), nan ? kNaN : acc[4 * jj + 0], nan ? kNaN : acc[4 * jj + 1]);
+          x::st_shared_f32x2(cd_base + T::cd_offset(r + 8, c), nan ? kNaN : acc[4 * jj + 2],
+                             nan ? kNaN : acc[4 * jj + 3]);
+        }
+      } else {
+        const int mi = lane / 8;
+        const int r = warp * 16 + (lane % 8) + 8 * (mi & 1);
+#pragma unroll
+        for (int jj = 0; jj < BN / 16; ++jj) {
+          const int c = 16 * jj + 8 * (mi >> 1);
+          x::stmatrix_x4(cd_base + T::cd_offset(r, c), x::pack_bf16x2(acc[8 * jj + 0], acc[8 * jj + 1]),
+                         x::pack_bf16x2(acc[8 * jj + 2], acc[8 * jj + 3]),
+                         x::pack_bf16x2(acc[8 * jj + 4], acc[8 * jj + 5]),
+                         x::pack_bf16x2(acc[8 * jj + 6], acc[8 * jj + 7]));
+        }
       }
       fence_proxy_async_smem();  // this thread's generic-proxy writes -> visible to the TMA (async proxy)
       warpgroup_barrier();
       if (store_leader) {
-        // (the caller checked the slice's rows: all written, or dense rows that TMA clips at M)
+        // (the caller checked the slice's rows: all written, or rows that the tensor map clips: dense at
+        // M; k-grouped at the group's M, its map being 3D (n, m, group))
 #pragma unroll
         for (int q = 0; q < T::kStorePanels; ++q) {
           const int col0 = ti.job.n0 + q * T::kStorePanelCols;
-          if (col0 < p.N) tma_store_2d(&tmap_out, cd + q * T::kStorePanelBytes, col0, ti.job.out_row + warpgroup * 64);
+          if (col0 >= p.N) continue;
+          uint8_t* panel = cd + q * T::kStorePanelBytes;
+          if constexpr (kLayout == GemmLayout::kKGrouped) {
+            const int row0 = ti.job.m0 + warpgroup * 64;
+            if (p.accumulate)
+              x::tma_reduce_add_3d(&tmap_out, panel, col0, row0, ti.job.group);
+            else
+              tma_store_3d(&tmap_out, panel, col0, row0, ti.job.group);
+          } else {
+            tma_store_2d(&tmap_out, panel, col0, ti.job.out_row + warpgroup * 64);
+          }
         }
         bulk_commit_group();
       }
@@ -662,13 +707,15 @@ __global__ void __launch_bounds__(Tile<BM, BN, kScaleBPerRow, kOverlap>::kThread
     // any slice that starts inside M, the store clips the tail), register stores for the rest.
     auto store = [&](const TileInfo& ti) {
       if constexpr (kOverlap) {
+        constexpr bool kClipped = kLayout == GemmLayout::kDense || kLayout == GemmLayout::kKGrouped;
+        if (kLayout == GemmLayout::kKGrouped && p.accumulate && ti.job.num_kb == 0 && !ti.job.nan) return;
         const int first_row = warpgroup * 64;
-        const bool slice_tma = kLayout == GemmLayout::kDense ? first_row < ti.job.rows : first_row + 64 <= ti.job.rows;
+        const bool slice_tma = kClipped ? first_row < ti.job.rows : first_row + 64 <= ti.job.rows;
         if (p.tma_store && slice_tma) {
           store_tma(ti);
           return;
         }
-        if (kLayout == GemmLayout::kDense && p.tma_store) return;  // (a slice past M: nothing to write)
+        if (kClipped && p.tma_store) return;  // (a slice past the rows: nothing to write)
       }
       store_registers(ti);
     };
@@ -840,7 +887,7 @@ int resident_clusters(const void* kernel, int cluster, int threads, int smem_byt
 template <int BM, int BN, bool kScaleBPerRow, bool kOverlap = false, int kCluster = 1,
           GemmLayout kLayout = GemmLayout::kDense>
 cudaError_t persistent_grid(const Problem& q, int* ctas) {
-  using T = Tile<BM, BN, kScaleBPerRow, kOverlap>;
+  using T = Tile<BM, BN, kScaleBPerRow, kOverlap, kLayout == GemmLayout::kKGrouped>;
   auto kernel = fp8_gemm_kernel<BM, BN, kScaleBPerRow, kOverlap, kCluster, kLayout>;
   const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, T::kSmemBytes);
   if (err != cudaSuccess) return err;
@@ -862,7 +909,7 @@ cudaError_t persistent_grid(const Problem& q, int* ctas) {
 template <int BM, int BN, bool kScaleBPerRow, bool kOverlap = false, int kCluster = 1,
           GemmLayout kLayout = GemmLayout::kDense>
 cudaError_t launch(const Problem& q) {
-  using T = Tile<BM, BN, kScaleBPerRow, kOverlap>;
+  using T = Tile<BM, BN, kScaleBPerRow, kOverlap, kLayout == GemmLayout::kKGrouped>;
   using namespace hopper;
   // setmaxnreg redistributes the CTA's registers: the launch gives each thread the entry count, at most
   // 65536 / threads rounded down to a multiple of 8 (168 for 384 threads); asking for more hangs.
@@ -902,11 +949,21 @@ cudaError_t launch(const Problem& q) {
                              static_cast<uint64_t>(q.b_scale_ld) * 4, BN, 1, CU_TENSOR_MAP_SWIZZLE_NONE);
   // TMA store: bf16 rows whose stride (2N bytes) and base are 16-byte aligned; else register stores.
   const uintptr_t out_addr = reinterpret_cast<uintptr_t>(q.out);
-  const bool tma_store = kOverlap && q.tma_store && !q.out_fp32 && q.N % 8 == 0 && out_addr % 16 == 0;
-  if (err == cudaSuccess && tma_store)
+  // k-grouped: fp32 [G, M, N] as a 3D map, so that a tile's rows past its group's M are clipped.
+  constexpr bool kKGroupedOut = kLayout == GemmLayout::kKGrouped;
+  const bool tma_store = kOverlap && q.tma_store && q.out_fp32 == kKGroupedOut &&
+                         q.N % (kKGroupedOut ? 4 : 8) == 0 && out_addr % 16 == 0;
+  if (err == cudaSuccess && tma_store && !kKGroupedOut)
     err = make_tensor_map_2d(&tmap_out, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, q.out, q.N, a_rows,
                              static_cast<uint64_t>(q.N) * 2, T::kStorePanelCols, 64,
                              T::kStoreSwizzle == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_32B);
+  if (err == cudaSuccess && tma_store && kKGroupedOut) {
+    const uint64_t dims[3] = {static_cast<uint64_t>(q.N), static_cast<uint64_t>(q.M), static_cast<uint64_t>(q.G)};
+    const uint64_t strides[2] = {static_cast<uint64_t>(q.N) * 4, static_cast<uint64_t>(q.N) * q.M * 4};
+    const uint32_t box[3] = {static_cast<uint32_t>(T::kStorePanelCols), 64, 1};
+    err = make_tensor_map_3d(&tmap_out, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, q.out, dims, strides, box,
+                             CU_TENSOR_MAP_SWIZZLE_128B);
+  }
   if (err != cudaSuccess) return err;
 
   Params p{};

@@ -12,7 +12,8 @@ constexpr GemmLayout kContig = GemmLayout::kContiguous;
 constexpr GemmLayout kMask = GemmLayout::kMasked;
 constexpr GemmLayout kKGroup = GemmLayout::kKGrouped;
 
-// 64-row tiles with the register epilogue, 128-row ones with the TMA-store epilogue (gemm_heuristics.cu).
+// 64-row tiles with the register epilogue, 128-row ones with the TMA-store epilogue (gemm_heuristics.cu;
+// the k-grouped 128 x 128 also with registers, for the tests' forced configs and the tuning).
 constexpr ConfigEntry kConfigs[] = {
     kernel_entry<64, 64, false, false, 1, kContig>(),
     kernel_entry<64, 128, false, false, 1, kContig>(),
@@ -24,6 +25,7 @@ constexpr ConfigEntry kConfigs[] = {
     kernel_entry<128, 128, false, true, 1, kMask>(),
     kernel_entry<64, 128, true, false, 1, kKGroup>(),
     kernel_entry<128, 128, true, false, 1, kKGroup>(),
+    kernel_entry<128, 128, true, true, 1, kKGroup>(),
 };
 
 const GemmLayout kLayouts[] = {kContig, kMask, kKGroup};
