@@ -121,7 +121,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("accumulate"), py::arg("M"), py::arg("N"), py::arg("K_total"), py::arg("G"), py::arg("num_sms"),
         py::arg("stream"), py::arg("config") = auto_config);
   m.def("fp8_grouped_gemm_config_supported", [](int layout, int block_m, int block_n, int epilogue) {
-    return fp8_grouped_gemm_config_supported(layout, Fp8GemmConfig{block_m, block_n, static_cast<Fp8GemmEpilogue>(epilogue)});
+    const Fp8GemmConfig config{block_m, block_n, static_cast<Fp8GemmEpilogue>(epilogue)};
+    return fp8_grouped_gemm_config_supported(layout, config);
   });
   m.def("mla_decode_split", [](uintptr_t q, uintptr_t cache, int num_pages, int64_t page_stride,
                                uintptr_t block_table, int bt_stride, int max_pages, uintptr_t seqlens, uintptr_t items,

@@ -30,8 +30,8 @@ layout, csrc/gemm/fp8_grouped_gemm.h; the FP8 forms), "triton" (every form), "re
 CUDA, then Triton.
 The CUDA kernels take a_scale MN-major (per_token_group_quant(..., scale_layout="col"), and for the masked
 form its [G * M_max, K/128] result viewed as [G, M_max, K/128], or MN-major per expert); other layouts
-are copied into that one on each call. No host sync: m_indices and masked_m are read on the device, so the masked form
-is CUDA-graph capturable with masked_m changing between replays. A row whose m_indices entry breaks the
+are copied into that one on each call. No host sync: m_indices and masked_m are read on the device, so
+the masked form is CUDA-graph capturable with masked_m changing between replays. A row whose m_indices entry breaks the
 layout (an id >= G or below -1, or a segment that does not start on the alignment) comes back NaN.
 """
 import torch

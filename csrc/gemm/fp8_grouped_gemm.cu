@@ -73,7 +73,8 @@ cudaError_t fp8_m_grouped_gemm_masked(const void* a, const float* a_scale, int a
   if (flat ? static_cast<long long>(a_scale_ld) < static_cast<long long>(G) * M_max
            : a_scale_ld < M_max || a_scale_gs < static_cast<long long>(a_scale_ld) * (K / kBlockK))
     return cudaErrorInvalidValue;
-  if (static_cast<long long>(G) * M_max > std::numeric_limits<int>::max() || a_scale_gs > std::numeric_limits<int>::max())
+  constexpr long long kIntMax = std::numeric_limits<int>::max();
+  if (static_cast<long long>(G) * M_max > kIntMax || a_scale_gs > kIntMax)
     return cudaErrorInvalidValue;
   Problem q{a, a_scale, a_scale_ld, b, b_scale, 0, out, false, false, M_max, N, K, num_sms, stream, false, 0};
   q.layout = kMask;
