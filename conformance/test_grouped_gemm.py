@@ -384,6 +384,19 @@ def test_every_compiled_cuda_config_matches_the_loop(layout, bm, bn, epilogue):
                 assert max(elem, whole, row) <= 1, f"group {g}: {elem:.3g} {whole:.3g} {row:.3g}"
 
 
+def test_only_cuda_calls_keep_a_plan():
+    """The plan cache holds CUDA launches only: the other backends go through the checks every time."""
+    m_indices = contiguous_layout([3, 0, 2])
+    M = m_indices.shape[0]
+    (a, sa), (b, sb) = fp8_rows((M, K), seed=44), fp8_experts(3, seed=45)
+    sa = mn_major(sa)  # (the layout a CUDA plan would take as it is)
+    gg._PLANS.clear()
+    for backend in ["reference", *(["triton"] if "triton" in available(FP8_BACKENDS) else [])]:
+        dskernels.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, m_indices, backend=backend)
+        dskernels.m_grouped_fp8_gemm_nt_contiguous(a, sa, b, sb, m_indices, backend=backend)
+    assert not gg._PLANS
+
+
 def test_a_repeated_call_launches_from_its_cached_plan():
     """The second call with the same argument signature skips the checks (gg._PLANS) and still computes
     on the new data, and still refuses an operand that starts off the 16-byte alignment."""
