@@ -176,6 +176,12 @@ def eager(*tensors) -> bool:
     return True
 
 
+def signature(*tensors) -> tuple:
+    """The part of a call's arguments a cached plan depends on: each tensor's shape, strides, dtype and
+    device (None stays None). The ops' plan caches key on it with their options."""
+    return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+
+
 def pick(impl, custom_op, *tensors):
     """impl in plain eager mode (eager(*tensors)), else the custom op that wraps it."""
     return impl if eager(*tensors) else custom_op

@@ -138,11 +138,7 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out=None, out_dtype=torch.bfloat16, accu
     key = plan = None
     if direct:
         try:
-            key = (a.shape, a.stride(), a.dtype, a.device, a_scale.shape, a_scale.stride(), a_scale.dtype,
-                   a_scale.device, b.shape, b.stride(), b.dtype, b.device, b_scale.shape, b_scale.stride(),
-                   b_scale.dtype, b_scale.device, None if out is None else (out.shape, out.stride(), out.dtype,
-                                                                           out.device),
-                   out_dtype, type(accumulate), accumulate, backend)
+            key = (_backend.signature(a, a_scale, b, b_scale, out), out_dtype, type(accumulate), accumulate, backend)
             plan = _PLANS.get(key)
         except TypeError:  # an unhashable option: the checks below name it
             key = None

@@ -177,10 +177,6 @@ def _check(op, a, a_scale, b, b_scale, rows, rows_name, out, masked, backend):
     return a, a_scale, b, b_scale, rows, out, shape, name
 
 
-def _signature(*tensors):
-    return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors)
-
-
 # argument signature -> SM count, for calls that passed _check, resolved to the CUDA backend in plain eager
 # mode with operands in the kernel's layouts: a repeated call launches at once (the checks' verdict cannot
 # change for the same shapes, strides, dtypes and devices)
@@ -192,7 +188,7 @@ def _run(op, a, a_scale, b, b_scale, rows, rows_name, out, masked, hint_m, backe
     key = None
     if _backend.eager(*(t for t in tensors if t is not None)):
         try:
-            key = (op, masked, hint_m, backend, _signature(*tensors))
+            key = (op, masked, hint_m, backend, _backend.signature(*tensors))
         except (AttributeError, TypeError):  # a foreign array or an unhashable option: the checks name it
             key = None
         sms = _PLANS.get(key) if key is not None else None
